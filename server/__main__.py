@@ -1,0 +1,34 @@
+"""`python -m server` runs the service; `python -m server migrate [DATABASE_URL]` applies the SQL migrations."""
+
+from __future__ import annotations
+
+import sys
+
+from aiohttp import web
+
+from .app import create_app
+from .errors import ConfigError
+from .logs import setup_logging
+from .settings import Settings
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["migrate"]:
+        from .store.migrate import main as migrate
+
+        return migrate(argv[1:])
+    if argv:
+        print("usage: python -m server [migrate [DATABASE_URL]]", file=sys.stderr)
+        return 2
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(level=settings.log_level, fmt=settings.log_format)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None, shutdown_timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,116 @@
+"""The HTTP routes: the page, the sessions API, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .errors import StoreError
+from .keys import METRICS, REDIS, SETTINGS, STORE
+from .metrics import CONTENT_TYPE_LATEST
+from .protocol import SESSION_ID_RE, history_item, http_error
+from .store import MESSAGE_TYPES, SessionRecord
+
+log = logging.getLogger(__name__)
+
+MAX_LIST = 200
+
+
+def _json(body: Any, *, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json(http_error(code, message), status=status)
+
+
+def _session(record: SessionRecord) -> dict[str, Any]:
+    return {
+        "session_id": record.session_id,
+        "start_time": record.start_time.isoformat() if record.start_time else None,
+        "end_time": record.end_time.isoformat() if record.end_time else None,
+        "summary": record.summary,
+        "message_count": record.message_count or 0,
+    }
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(request.app[SETTINGS].web_dir / "index.html")
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    raw = request.query.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
+        return _error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIST}")
+    try:
+        records = await request.app[STORE].list_sessions(limit=int(raw))
+    except StoreError:
+        return _error(503, "store_unavailable", "the database is not answering; try again shortly")
+    return _json({"sessions": [_session(r) for r in records]})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    if not SESSION_ID_RE.fullmatch(session_id):
+        return _error(400, "invalid_session_id", "session ids are 1 to 128 characters from A-Z a-z 0-9 . _ : -")
+    store = request.app[STORE]
+    try:
+        record = await store.get_session(session_id)
+        if record is None:
+            return _error(404, "session_not_found", f"no session {session_id!r}")
+        events = await store.events(session_id, types=MESSAGE_TYPES, limit=request.app[SETTINGS].history_limit)
+    except StoreError:
+        return _error(503, "store_unavailable", "the database is not answering; try again shortly")
+    return _json({**_session(record), "events": [history_item(e) for e in events]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    checks = {"database": app[STORE].ping(), "redis": app[REDIS].ping()}
+    results = await asyncio.gather(*(_within(c, 2.0) for c in checks.values()))
+    failing = [name for name, ok in zip(checks, results, strict=True) if not ok]
+    if failing:
+        return _json({"status": "unavailable", "failing": failing}, status=503)
+    return _json({"status": "ok"})
+
+
+async def _within(check: Awaitable[Any], seconds: float) -> bool:
+    try:
+        async with asyncio.timeout(seconds):
+            await check
+    except Exception:
+        return False
+    return True
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer every HTTP error as JSON, `{"error": {"code", "message"}}`, as the protocol promises."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "http_error")
+        return _error(e.status, code, e.reason)
+    except Exception:
+        if request.path.startswith("/ws/"):
+            raise  # The socket may already be open: nothing can be answered in HTTP now.
+        log.exception("unhandled error", extra={"fields": {"path": request.path}})
+        return _error(500, "internal_error", "something went wrong on our side")

@@ -1,0 +1,79 @@
+"""Assembles the aiohttp application: routes, and one cleanup context per resource."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from arq.connections import ArqRedis
+
+from . import api, ws
+from .keys import HUB, LLM_CLIENT, METRICS, REDIS, SETTINGS, SOCKETS, STORE
+from .llm import make_llm
+from .metrics import Metrics
+from .sessions import Hub
+from .settings import Settings
+from .store import open_store
+
+log = logging.getLogger(__name__)
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    store = await open_store(app[SETTINGS])
+    app[STORE] = store
+    log.info("store ready", extra={"fields": {"backend": store.name}})
+    yield
+    await store.close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    # Connects lazily: a Redis that is down must not keep the chat from starting.
+    settings = app[SETTINGS]
+    redis = ArqRedis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    app[REDIS] = redis
+    yield
+    await redis.aclose()
+
+
+async def _llm(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    llm = make_llm(settings)
+    app[LLM_CLIENT] = llm
+    if settings.offline:
+        log.warning(
+            "no OPENAI_API_KEY or OPENAI_BASE_URL set: the offline demo model answers",
+            extra={"fields": {"model": llm.model}},
+        )
+    else:
+        log.info("model configured", extra={"fields": {"model": llm.model, "base_url": settings.openai_base_url}})
+    yield
+    await llm.close()
+
+
+async def _hub(app: web.Application) -> AsyncIterator[None]:
+    hub = Hub(app[STORE], app[METRICS], app[SETTINGS])
+    app[HUB] = hub
+    yield
+    # Runs after on_shutdown closed the sockets: give their last writes time to land before the store closes.
+    await hub.close(within_s=app[SETTINGS].shutdown_flush_s)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[api.json_errors], client_max_size=64 * 1024)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[SOCKETS] = weakref.WeakSet()
+    app.cleanup_ctx.extend([_store, _redis, _llm, _hub])
+    app.on_shutdown.append(ws.close_sockets)
+    app.router.add_get("/", api.index)
+    app.router.add_get("/ws/session/{session_id}", ws.session_socket)
+    app.router.add_get("/api/sessions", api.list_sessions)
+    app.router.add_get("/api/sessions/{session_id}", api.get_session)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)
+    if settings.web_dir.is_dir():
+        app.router.add_static("/web/", settings.web_dir, show_index=False)
+    return app

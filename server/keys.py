@@ -1,0 +1,22 @@
+"""The typed keys under which the application keeps its shared resources."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+from arq.connections import ArqRedis
+
+from .llm import LLM
+from .metrics import Metrics
+from .sessions import Hub
+from .settings import Settings
+from .store import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+STORE = web.AppKey("store", Store)
+LLM_CLIENT = web.AppKey("llm", LLM)
+REDIS = web.AppKey("redis", ArqRedis)
+HUB = web.AppKey("hub", Hub)
+SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])

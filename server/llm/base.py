@@ -1,0 +1,42 @@
+"""The model interface the service depends on: chat messages in, pieces of text out, our own errors on failure."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict
+
+
+class ChatMessage(TypedDict):
+    """One turn of the conversation as the model sees it."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """Facts about one answer, filled in by the stream as it goes, so they are there even when it fails midway."""
+
+    retries: int = 0
+    first_token_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+
+class LLM(Protocol):
+    """A chat model that streams its answer.
+
+    `stream` is an async generator of non-empty pieces of text. It raises `LLMError` subclasses only; closing or
+    cancelling it closes the upstream request at once, so the provider stops generating (and billing).
+    """
+
+    model: str
+
+    # An AsyncGenerator rather than an AsyncIterator so callers can `aclosing()` it.
+    def stream(self, messages: Sequence[ChatMessage], stats: StreamStats) -> AsyncGenerator[str, None]: ...
+
+    async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None) -> str: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,294 @@
+"""The OpenAI-compatible chat model: raw SSE streaming, our own timeouts and retries, provider errors mapped to ours."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import AsyncExitStack, aclosing, suppress
+from email.utils import parsedate_to_datetime
+from typing import Any, cast
+
+import httpx2
+import openai
+import orjson
+from openai.types.chat import ChatCompletionMessageParam
+
+from ..errors import LLMError, LLMRateLimited, LLMUnavailable
+from ..settings import Settings
+from .base import ChatMessage, StreamStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Local OpenAI-compatible servers ignore the key, but the client refuses to start without one.
+PLACEHOLDER_API_KEY = "no-key-needed"
+# The client's own timeouts only catch what ours cannot (a stuck write or pool); ours fire first.
+_BACKSTOP_MARGIN_S = 30.0
+_BACKOFF_FIRST_S = 0.25
+# After [DONE] the end of the body is normally already buffered: reading it lets the connection be reused.
+_DRAIN_S = 0.25
+_SECRET_RE = re.compile(r"\b(sk|rk|pk)-[\w*.\-]+")
+_MAX_PROVIDER_MESSAGE = 200
+
+
+class OpenAILLM:
+    """Streams chat completions from OpenAI or any server that speaks its Chat Completions API."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.model = settings.openai_model
+        self._settings = settings
+        backstop = max(settings.llm_first_token_timeout_s, settings.llm_token_gap_timeout_s) + _BACKSTOP_MARGIN_S
+        self._client = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key or PLACEHOLDER_API_KEY,
+            # Explicit, so the client never falls back to reading OPENAI_BASE_URL itself.
+            base_url=settings.openai_base_url or DEFAULT_BASE_URL,
+            # We retry ourselves: the client's retries would multiply our waits and hide them from the budget.
+            max_retries=0,
+            timeout=httpx2.Timeout(
+                connect=settings.llm_connect_timeout_s, read=backstop, write=backstop, pool=backstop
+            ),
+        )
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], stats: StreamStats, *, max_tokens: int | None = None
+    ) -> AsyncGenerator[str, None]:
+        """Yield the answer in pieces; retry failures that happen before the first piece, within the budget."""
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # Our TypedDict is a strict subset of the client's message params.
+        params = cast("list[ChatCompletionMessageParam]", list(messages))
+        limit = max_tokens if max_tokens is not None else s.openai_max_tokens
+        while True:
+            produced = False
+            try:
+                async with aclosing(self._attempt(params, limit, stats)) as pieces:
+                    async for piece in pieces:
+                        if not produced:
+                            produced = True
+                            stats.first_token_s = loop.time() - started
+                        yield piece
+                return
+            except LLMError as e:
+                # Once text has reached the user a retry would repeat or contradict it.
+                if produced or not e.retryable or stats.retries >= s.llm_max_retries:
+                    raise
+                wait = self._retry_wait(e, stats.retries)
+                if loop.time() - started + wait > s.llm_retry_budget_s:
+                    raise
+                stats.retries += 1
+                fields = {"model": self.model, "retry": stats.retries, "wait_s": round(wait, 3), "error": str(e)}
+                log.info("llm request retried", extra={"fields": fields})
+                await asyncio.sleep(wait)
+
+    async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None) -> str:
+        async with aclosing(self.stream(messages, StreamStats(), max_tokens=max_tokens)) as pieces:
+            return "".join([piece async for piece in pieces])
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def _retry_wait(self, error: LLMError, retries: int) -> float:
+        cap = self._settings.llm_retry_after_cap_s
+        if error.retry_after is not None:
+            return min(error.retry_after, cap)
+        # Jitter keeps many sessions that failed together from retrying together.
+        return min(_BACKOFF_FIRST_S * 2.0**retries, cap) * random.uniform(0.5, 1.0)
+
+    async def _attempt(
+        self, messages: list[ChatCompletionMessageParam], max_tokens: int | None, stats: StreamStats
+    ) -> AsyncGenerator[str, None]:
+        """One upstream request. Timeouts wrap each awaited read and never a `yield`: one that fired while we are
+        suspended at a yield would cancel the consumer instead of us."""
+        s = self._settings
+        first_deadline = asyncio.get_running_loop().time() + s.llm_first_token_timeout_s
+        decoder = _SSEDecoder()
+        got_text = False
+        # A failed earlier attempt's finish_reason must not vouch for this one.
+        stats.finish_reason = None
+        async with AsyncExitStack() as stack:
+            request = self._client.chat.completions.with_streaming_response.create(
+                model=self.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=openai.omit if max_tokens is None else max_tokens,
+            )
+            try:
+                async with asyncio.timeout_at(first_deadline):
+                    response = await stack.enter_async_context(request)
+            except TimeoutError as e:
+                raise _first_token_timeout(s) from e
+            except openai.APIStatusError as e:
+                raise _status_error(e, s.openai_api_key) from e
+            except openai.APIConnectionError as e:
+                raise LLMUnavailable("could not reach the model provider", retryable=True) from e
+            except openai.OpenAIError as e:
+                raise LLMError("the model provider could not be called") from e
+            # Raw bytes, not the client's per-event pydantic objects: this loop runs once per token.
+            reads = response.http_response.aiter_bytes()
+            await stack.enter_async_context(aclosing(reads))
+            while not decoder.done:
+                try:
+                    if got_text:
+                        async with asyncio.timeout(s.llm_token_gap_timeout_s):
+                            data = await reads.__anext__()
+                    else:
+                        async with asyncio.timeout_at(first_deadline):
+                            data = await reads.__anext__()
+                except StopAsyncIteration:
+                    data = None
+                except TimeoutError as e:
+                    if got_text:
+                        raise LLMUnavailable(
+                            f"the model stopped answering for {s.llm_token_gap_timeout_s:g} s (token gap timeout)",
+                            retryable=True,
+                        ) from e
+                    raise _first_token_timeout(s) from e
+                except httpx2.HTTPError as e:
+                    raise LLMUnavailable("the connection to the model provider broke", retryable=True) from e
+                text = decoder.feed(data, stats) if data is not None else decoder.end(stats)
+                if text:
+                    got_text = True
+                    yield text
+                if decoder.error is not None:
+                    raise decoder.error
+                if data is None:
+                    break
+            if decoder.done:
+                with suppress(TimeoutError, httpx2.HTTPError):
+                    async with asyncio.timeout(_DRAIN_S):
+                        async for _ in reads:
+                            pass
+        if not decoder.done and stats.finish_reason is None:
+            raise LLMUnavailable("the model's answer ended before it was complete", retryable=True)
+
+
+class _SSEDecoder:
+    """Turns network reads of a Chat Completions event stream into text, stats, the end marker or an error."""
+
+    __slots__ = ("_data", "_rest", "done", "error")
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._data: list[bytes] = []
+        self.done = False
+        self.error: LLMError | None = None
+
+    def feed(self, data: bytes, stats: StreamStats) -> str:
+        """The text of every event completed by `data`, joined: one read, one piece downstream."""
+        lines = (self._rest + data if self._rest else data).split(b"\n")
+        # The last line is unfinished (or empty): it waits for the next read.
+        self._rest = lines.pop()
+        pieces: list[str] = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    self._dispatch(pieces, stats)
+                    if self.done or self.error is not None:
+                        break
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            # ":" comments are keep-alives; "event:", "id:" and "retry:" carry nothing we use.
+        return "".join(pieces)
+
+    def end(self, stats: StreamStats) -> str:
+        """The body ended: dispatch a last event that lacked its blank line."""
+        return self.feed(b"\n\n", stats) if self._rest or self._data else ""
+
+    def _dispatch(self, pieces: list[str], stats: StreamStats) -> None:
+        payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data.clear()
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        try:
+            event = orjson.loads(payload)
+            if not isinstance(event, dict):
+                return
+            if (error := event.get("error")) is not None:
+                self.error = _stream_error(error)
+                return
+            if choices := event.get("choices"):
+                choice = choices[0]
+                if (delta := choice.get("delta")) and isinstance(content := delta.get("content"), str) and content:
+                    pieces.append(content)
+                if reason := choice.get("finish_reason"):
+                    stats.finish_reason = str(reason)
+            if usage := event.get("usage"):
+                stats.prompt_tokens = usage.get("prompt_tokens")
+                stats.completion_tokens = usage.get("completion_tokens")
+        except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError):
+            self.error = LLMUnavailable("the model provider sent an unreadable stream", retryable=True)
+
+
+def _first_token_timeout(s: Settings) -> LLMUnavailable:
+    return LLMUnavailable(
+        f"the model did not start answering within {s.llm_first_token_timeout_s:g} s (first token timeout)",
+        retryable=True,
+    )
+
+
+def _status_error(e: openai.APIStatusError, api_key: str | None) -> LLMError:
+    status = e.status_code
+    retry_after = _retry_after(e.response.headers)
+    if status == 429:
+        if "insufficient_quota" in (e.code, e.type):
+            # Quota does not come back within a retry budget: fail at once.
+            return LLMRateLimited("the model provider's quota is used up")
+        return LLMRateLimited("the model provider is rate limiting requests", retry_after=retry_after, retryable=True)
+    if status >= 500 or status in (408, 409):
+        return LLMUnavailable(f"the model provider failed ({status})", retry_after=retry_after, retryable=True)
+    detail = _provider_message(e.body, api_key)
+    return LLMError(f"the provider rejected the request ({status})" + (f": {detail}" if detail else ""))
+
+
+def _stream_error(error: Any) -> LLMError:
+    """An `{"error": {...}}` event sent in place of the next chunk."""
+    info: Mapping[str, Any] = error if isinstance(error, dict) else {"message": str(error)}
+    kinds = {str(info.get("code")), str(info.get("type"))}
+    if "insufficient_quota" in kinds:
+        return LLMRateLimited("the model provider's quota is used up")
+    if kinds & {"rate_limit_exceeded", "rate_limit_error", "requests", "tokens", "429"}:
+        return LLMRateLimited("the model provider is rate limiting requests", retryable=True)
+    if kinds & {"server_error", "overloaded", "overloaded_error", "internal_error", "500", "503"}:
+        return LLMUnavailable("the model provider failed mid-answer", retryable=True)
+    detail = _provider_message(info, None)
+    return LLMError("the model provider reported an error" + (f": {detail}" if detail else ""))
+
+
+def _provider_message(body: object, api_key: str | None) -> str:
+    """The provider's own explanation, made safe to show: secrets redacted, length bounded."""
+    message = body.get("message") if isinstance(body, dict) else None
+    if not isinstance(message, str):
+        return ""
+    if api_key:
+        message = message.replace(api_key, "***")
+    message = _SECRET_RE.sub(r"\1-***", " ".join(message.split()))
+    if len(message) > _MAX_PROVIDER_MESSAGE:
+        message = message[: _MAX_PROVIDER_MESSAGE - 1] + "…"
+    return message
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the provider asks us to wait, from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    seconds: float | None = None
+    with suppress(ValueError, TypeError):
+        if ms := headers.get("retry-after-ms"):
+            seconds = float(ms) / 1000
+        elif value := headers.get("retry-after"):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return max(seconds, 0.0)

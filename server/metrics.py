@@ -1,0 +1,55 @@
+"""Prometheus metrics of one server process, in a registry of its own so several apps can live in one test run."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+
+class Metrics:
+    """Every metric the server records. Counters are bumped per message or answer, never per token."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.open_sockets = Gauge("rt_open_sockets", "WebSocket connections open now", registry=r)
+        self.sessions_started = Counter(
+            "rt_sessions_started_total",
+            "Connections accepted, by whether the session was resumed",
+            ["resumed"],
+            registry=r,
+        )
+        self.messages_accepted = Counter("rt_user_messages_total", "User messages accepted", registry=r)
+        self.frames_rejected = Counter(
+            "rt_frames_rejected_total", "Client frames answered with an error", ["code"], registry=r
+        )
+        self.answers = Counter("rt_answers_total", "Answers finished, by status", ["status"], registry=r)
+        self.first_token = Histogram(
+            "rt_time_to_first_token_seconds",
+            "From a message's turn starting to its first delta",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens_streamed = Counter("rt_deltas_streamed_total", "Delta frames sent to clients", registry=r)
+        self.llm_errors = Counter("rt_llm_errors_total", "Failed answers, by error code", ["code"], registry=r)
+        self.llm_retries = Counter(
+            "rt_llm_retries_total", "Upstream requests retried before the first token", registry=r
+        )
+        self.store_write_seconds = Histogram(
+            "rt_store_write_seconds", "Time to commit one batch of events", buckets=_WRITE_BUCKETS, registry=r
+        )
+        self.store_write_retries = Counter(
+            "rt_store_write_retries_total", "Event batches retried after a failure", registry=r
+        )
+        self.store_events_dropped = Counter(
+            "rt_store_events_dropped_total", "Events the store refused permanently", registry=r
+        )
+        self.pending_writes = Gauge("rt_store_pending_events", "Events accepted but not yet committed", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,130 @@
+"""Live sessions of this process: who holds each one, its context and writer, and how it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from .context import Context
+from .errors import StoreUnavailable
+from .metrics import Metrics
+from .settings import Settings
+from .store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
+from .writer import EventWriter
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """One conversation's state in this process, kept while a connection holds it or its writes are pending."""
+
+    def __init__(self, session_id: str, *, writer: EventWriter, context: Context) -> None:
+        self.id = session_id
+        self.writer = writer
+        self.context = context
+        # client_msg_id -> its stored id, or the future of it while the write is pending.
+        self.client_msgs: dict[str, int | asyncio.Future[int]] = {}
+        self.connection: Connection | None = None
+        self.loaded = False
+        self.ended_at: datetime | None = None
+        # Held while a connection attaches and while the session is being ended, so the two never cross.
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+    def remember(self, history: list[StoredEvent]) -> None:
+        self.context.load(history)
+        for event in history:
+            if event.event_type == USER_MESSAGE and event.client_msg_id is not None:
+                self.client_msgs[event.client_msg_id] = event.id
+        self.loaded = True
+
+
+class Hub:
+    """The registry of live sessions, and the background work that ends them after their last connection."""
+
+    def __init__(self, store: Store, metrics: Metrics, settings: Settings) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._settings = settings
+        self._sessions: dict[str, Session] = {}
+        self._endings: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def checkout(self, session_id: str) -> Session:
+        """The session's live state, created if needed; every checkout is paired with a `checkin`."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            writer = EventWriter(
+                self._store, self._metrics, session_id=session_id, max_backoff_s=self._settings.store_retry_max_s
+            )
+            context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
+            session = self._sessions[session_id] = Session(session_id, writer=writer, context=context)
+        session.users += 1
+        return session
+
+    def checkin(self, session: Session) -> None:
+        session.users -= 1
+        if session.users == 0:
+            task = asyncio.create_task(self._end(session), name=f"end:{session.id}")
+            self._endings.add(task)
+            task.add_done_callback(self._endings.discard)
+
+    async def open(self, session: Session, *, owner_id: str | None) -> tuple[OpenedSession, list[StoredEvent]]:
+        """Create or resume the session in the store and return its recent messages.
+
+        Called under `session.lock`. A session still live here keeps its in-memory context, which
+        also holds what is not yet stored; otherwise the context is rebuilt from the store.
+        """
+        await session.writer.drain(within_s=self._settings.store_connect_timeout_s)
+        async with asyncio.timeout(self._settings.store_connect_timeout_s):
+            opened = await self._store.open_session(session.id, owner_id=owner_id, now=datetime.now(UTC))
+            history = await self._store.events(session.id, types=MESSAGE_TYPES, limit=self._settings.history_limit)
+        if not session.loaded:
+            session.remember(history)
+        session.ended_at = None
+        return opened, history
+
+    async def _end(self, session: Session) -> None:
+        """After the last connection: wait for every write, then record the end time, unless someone came back."""
+        await session.writer.drain()
+        async with session.lock:
+            if session.users > 0:
+                return
+            if session.ended_at is not None:
+                await self._record_end(session.id, session.ended_at)
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+
+    async def _record_end(self, session_id: str, end_time: datetime) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._store.end_session(session_id, end_time=end_time)
+                return
+            except StoreUnavailable as e:
+                attempt += 1
+                delay = min(self._settings.store_retry_max_s, 0.05 * 2**attempt) * (0.5 + random.random() / 2)
+                log.warning("could not record session end, retrying", extra={"fields": {"session_id": session_id, "error": str(e)}})
+                await asyncio.sleep(delay)
+
+    async def close(self, *, within_s: float) -> None:
+        """Process shutdown: give pending writes `within_s` to land, then give up on the rest, loudly."""
+        if self._endings:
+            _, late = await asyncio.wait(set(self._endings), timeout=within_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        lost = 0
+        for session in list(self._sessions.values()):
+            lost += await session.writer.abandon()
+        if lost:
+            log.error("events not stored at shutdown", extra={"fields": {"events": lost}})
+        self._sessions.clear()

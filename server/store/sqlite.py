@@ -1,0 +1,262 @@
+"""The SQLite store: one aiosqlite connection in WAL mode, calls serialized, each batch in one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from ..errors import StoreError, StoreUnavailable
+from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent
+from .migrate import migrate_sqlite
+
+# Primary result codes after which the same call may succeed: another process holds the lock, or the
+# disk or file is (for now) unusable.
+_TRANSIENT_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
+_TRANSIENT_MESSAGES = ("database is locked", "disk i/o error", "unable to open database file")
+
+_EVENT_COLUMNS = "id, session_id, event_type, content, created_at, client_msg_id, metadata"
+_SESSION_COLUMNS = "s.session_id, s.start_time, s.end_time, s.summary, s.owner_id"
+_MESSAGE_COUNT = (
+    "(select count(*) from session_events e where e.session_id = s.session_id"
+    f" and e.event_type in ({', '.join(repr(t) for t in MESSAGE_TYPES)})) as message_count"
+)
+
+
+def _is_transient(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _TRANSIENT_CODES:
+        return True
+    return isinstance(e, sqlite3.OperationalError) and any(m in str(e).lower() for m in _TRANSIENT_MESSAGES)
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """Turn sqlite3 errors into StoreUnavailable (retry may help) or StoreError (it will not)."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        message = f"SQLite: {type(e).__name__}: {e}"
+        if _is_transient(e):
+            raise StoreUnavailable(message) from e
+        raise StoreError(message) from e
+    except (UnicodeError, orjson.JSONEncodeError) as e:
+        raise StoreError(f"SQLite: {type(e).__name__}: {e}") from e
+
+
+def _no_nul(value: Any) -> Any:
+    """`value` with NUL replaced by U+FFFD in every string, as PostgresStore must: both backends read back alike."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nul(v) for v in value]
+    return value
+
+
+def _ts(value: datetime) -> str:
+    # One fixed width, always UTC, so that text order is time order. Naive means local time, as in asyncpg.
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dt(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    value = datetime.fromisoformat(text)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _session(row: sqlite3.Row) -> SessionRecord:
+    return SessionRecord(
+        session_id=row["session_id"],
+        start_time=_dt(row["start_time"]),
+        end_time=_dt(row["end_time"]),
+        summary=row["summary"],
+        owner_id=row["owner_id"],
+        message_count=row["message_count"] if "message_count" in row.keys() else None,  # noqa: SIM118
+    )
+
+
+def _event(row: sqlite3.Row) -> StoredEvent:
+    created_at = _dt(row["created_at"])
+    assert created_at is not None  # the column has a default and the store always writes it
+    return StoredEvent(
+        id=row["id"],
+        session_id=row["session_id"],
+        event_type=row["event_type"],
+        content=row["content"],
+        created_at=created_at,
+        client_msg_id=row["client_msg_id"],
+        metadata=orjson.loads(row["metadata"]),
+    )
+
+
+class SQLiteStore:
+    """The `Store` on a local SQLite file: for development and single-process deployments."""
+
+    name = "sqlite"
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        # One connection: a transaction must not interleave with another coroutine's statements.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, path: str | Path, *, migrate: bool = True) -> SQLiteStore:
+        """Open (creating it and its directory if needed) the database file and apply pending migrations."""
+        if str(path) != ":memory:":
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"SQLite: cannot create the directory for {str(path)!r}: {e}") from e
+        with _mapped_errors():
+            # Autocommit mode: the store opens its transactions itself, with `begin immediate`.
+            db = await aiosqlite.connect(path, isolation_level=None)
+            try:
+                db.row_factory = sqlite3.Row
+                await db.execute("pragma journal_mode = wal")
+                await db.execute("pragma synchronous = normal")
+                await db.execute("pragma foreign_keys = on")
+                # Wait for another process's write lock rather than fail at once.
+                await db.execute("pragma busy_timeout = 5000")
+                if migrate:
+                    await migrate_sqlite(db)
+            except BaseException:
+                await db.close()
+                raise
+        return cls(db)
+
+    @asynccontextmanager
+    async def _serialized(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            with _mapped_errors():
+                yield self._db
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._serialized() as db:
+            await db.execute("begin immediate")
+            try:
+                yield db
+                await db.execute("commit")
+            except BaseException:
+                # Some errors (a full disk, an I/O error) end the transaction themselves.
+                if db.in_transaction:
+                    await db.execute("rollback")
+                raise
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self._serialized() as db:
+            return list(await db.execute_fetchall(sql, params))
+
+    async def open_session(self, session_id: str, *, owner_id: str | None, now: datetime) -> OpenedSession:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "insert into sessions (session_id, start_time, owner_id) values (?, ?, ?)"
+                " on conflict (session_id) do nothing",
+                (session_id, _ts(now), owner_id),
+            )
+            created = cursor.rowcount == 1
+            if not created:
+                await db.execute(
+                    "update sessions set end_time = null, start_time = coalesce(start_time, ?) where session_id = ?",
+                    (_ts(now), session_id),
+                )
+            async with db.execute(
+                f"select {_SESSION_COLUMNS} from sessions s where s.session_id = ?", (session_id,)
+            ) as c:
+                row = await c.fetchone()
+        assert row is not None  # inserted or updated just above, in the same transaction
+        return OpenedSession(record=_session(row), created=created)
+
+    async def append_events(self, events: Sequence[NewEvent]) -> list[int]:
+        if not events:
+            return []
+        ids: list[int] = []
+        async with self._transaction() as db:
+            for e in events:
+                # A key already stored (a retried write) keeps its row and id; a clash on
+                # (session_id, client_msg_id) under another key is not covered by `on conflict` and raises.
+                params = (
+                    e.session_id,
+                    e.event_type,
+                    _no_nul(e.content),
+                    _ts(e.created_at),
+                    _no_nul(e.client_msg_id),
+                    e.event_key,
+                    orjson.dumps(_no_nul(e.metadata)).decode(),
+                )
+                rows = list(
+                    await db.execute_fetchall(
+                        "insert into session_events"
+                        " (session_id, event_type, content, created_at, client_msg_id, event_key, metadata)"
+                        " values (?, ?, ?, ?, ?, ?, ?) on conflict (session_id, event_key) do nothing returning id",
+                        params,
+                    )
+                )
+                if not rows:
+                    rows = list(
+                        await db.execute_fetchall(
+                            "select id from session_events where session_id = ? and event_key = ?",
+                            (e.session_id, e.event_key),
+                        )
+                    )
+                ids.append(rows[0]["id"])
+        return ids
+
+    async def events(
+        self,
+        session_id: str,
+        *,
+        after: int = 0,
+        limit: int | None = None,
+        types: Sequence[str] | None = None,
+    ) -> list[StoredEvent]:
+        where = "session_id = ? and id > ?"
+        params: list[Any] = [session_id, after]
+        if types is not None:
+            where += f" and event_type in ({', '.join('?' * len(types))})"
+            params.extend(types)
+        if limit is None:
+            sql = f"select {_EVENT_COLUMNS} from session_events where {where} order by id"
+        else:
+            # The most recent `limit`, still returned oldest first.
+            sql = (
+                f"select * from (select {_EVENT_COLUMNS} from session_events where {where}"
+                " order by id desc limit ?) order by id"
+            )
+            params.append(limit)
+        return [_event(r) for r in await self._fetch(sql, params)]
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        sql = f"select {_SESSION_COLUMNS}, {_MESSAGE_COUNT} from sessions s where s.session_id = ?"
+        rows = await self._fetch(sql, (session_id,))
+        return _session(rows[0]) if rows else None
+
+    async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
+        # NULL sorts lowest in SQLite, so sessions without a start time come last, as in PostgresStore.
+        sql = (
+            f"select {_SESSION_COLUMNS}, {_MESSAGE_COUNT} from sessions s"
+            " where (? is null or s.owner_id = ?)"
+            " order by s.start_time desc, s.session_id limit ?"
+        )
+        return [_session(r) for r in await self._fetch(sql, (owner_id, owner_id, limit))]
+
+    async def end_session(self, session_id: str, *, end_time: datetime) -> None:
+        async with self._transaction() as db:
+            await db.execute("update sessions set end_time = ? where session_id = ?", (_ts(end_time), session_id))
+
+    async def ping(self) -> None:
+        await self._fetch("select 1")
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()

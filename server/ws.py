@@ -1,0 +1,86 @@
+"""The WebSocket route: checks the request, attaches it to its session, and hands the socket to a Connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSCloseCode, hdrs, web
+
+from . import protocol
+from .connection import Connection
+from .errors import StoreError
+from .keys import HUB, LLM_CLIENT, METRICS, SETTINGS, SOCKETS
+from .protocol import http_error
+
+log = logging.getLogger(__name__)
+
+
+def _refuse(status: int, code: str, message: str) -> web.Response:
+    return web.json_response(http_error(code, message), status=status)
+
+
+def _cursor(request: web.Request) -> int | None:
+    raw = request.query.get("after")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        return None
+    return int(raw)
+
+
+async def session_socket(request: web.Request) -> web.StreamResponse:
+    session_id = request.match_info["session_id"]
+    if not protocol.valid_session_id(session_id):
+        return _refuse(400, "invalid_session_id", "session ids are 1 to 128 characters from A-Z a-z 0-9 . _ : -")
+    after = _cursor(request)
+    if after is None:
+        return _refuse(400, "invalid_cursor", "after must be a non-negative integer event id")
+    if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
+        return _refuse(426, "upgrade_required", "this route speaks WebSocket only")
+
+    app = request.app
+    settings, hub, metrics = app[SETTINGS], app[HUB], app[METRICS]
+    session = hub.checkout(session_id)
+    attached = False
+    try:
+        async with session.lock:
+            if session.connection is not None:
+                await session.connection.replace()
+            try:
+                opened, history = await hub.open(session, owner_id=None)
+            except (StoreError, TimeoutError) as e:
+                log.warning("store unavailable at connect", extra={"fields": {"session_id": session_id, "error": str(e)}})
+                return _refuse(503, "store_unavailable", "the database is not answering; try again shortly")
+            ws = web.WebSocketResponse(max_msg_size=settings.max_frame_bytes, heartbeat=settings.ws_heartbeat_s)
+            await ws.prepare(request)
+            conn = Connection(session, ws, llm=app[LLM_CLIENT], settings=settings, metrics=metrics)
+            session.connection = conn
+            attached = True
+    finally:
+        if not attached:
+            hub.checkin(session)
+
+    resumed = not opened.created
+    ready = protocol.session_ready(
+        session_id, resumed=resumed, model=app[LLM_CLIENT].model, history=[e for e in history if e.id > after]
+    )
+    app[SOCKETS].add(ws)
+    metrics.open_sockets.inc()
+    metrics.sessions_started.labels(str(resumed).lower()).inc()
+    log.info("connected", extra={"fields": {"session_id": session_id, "resumed": resumed, "history": len(history)}})
+
+    def closed() -> None:
+        metrics.open_sockets.dec()
+        hub.checkin(session)
+
+    await conn.run(ready, on_closed=closed)
+    return ws
+
+
+async def close_sockets(app: web.Application) -> None:
+    """on_shutdown: tell every client the server is going away (1001), so they reconnect elsewhere."""
+    open_now = app[SOCKETS]
+    sockets = [*open_now]
+    closing = (ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets)
+    await asyncio.gather(*closing, return_exceptions=True)

@@ -1,0 +1,155 @@
+"""Shared fixtures: real PostgreSQL and Redis (started by `make test`), the LLM stand-in, and the app under test."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import pytest_asyncio
+from aiohttp import ClientWebSocketResponse, WSMsgType
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from server.app import create_app
+from server.settings import Settings
+from server.store.migrate import migrate_postgres
+from tests.fakes.openai_server import FakeOpenAI
+
+
+def _required_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.exit(
+            f"{name} is not set: run the tests with `make test`, which starts PostgreSQL and Redis for them",
+            returncode=2,
+        )
+    return value
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    return _required_env("TEST_DATABASE_URL")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return _required_env("TEST_REDIS_URL")
+
+
+@pytest_asyncio.fixture(scope="session")
+async def _migrated(pg_url: str) -> str:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await migrate_postgres(conn)
+    finally:
+        await conn.close()
+    return pg_url
+
+
+@pytest_asyncio.fixture
+async def db(_migrated: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection to the test database, with both tables emptied first: tests read what the app stored."""
+    conn = await asyncpg.connect(_migrated)
+    await conn.execute("truncate session_events, sessions restart identity cascade")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def _fake_llm_server() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest_asyncio.fixture
+async def fake_llm(_fake_llm_server: FakeOpenAI) -> FakeOpenAI:
+    """The OpenAI-compatible stand-in, reset for each test."""
+    _fake_llm_server.reset()
+    return _fake_llm_server
+
+
+@pytest.fixture
+def settings(db: asyncpg.Connection, redis: Redis, fake_llm: FakeOpenAI, pg_url: str, redis_url: str) -> Settings:
+    return Settings(
+        database_url=pg_url,
+        redis_url=redis_url,
+        openai_base_url=fake_llm.base_url,
+        openai_api_key="test-key",
+        openai_model="fake-model",
+        system_prompt="You are a test assistant.",
+        llm_first_token_timeout_s=2.0,
+        llm_token_gap_timeout_s=2.0,
+        llm_retry_budget_s=2.0,
+        llm_retry_after_cap_s=0.2,
+        store_retry_max_s=0.5,
+        shutdown_flush_s=5.0,
+    )
+
+
+AppClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest_asyncio.fixture
+async def make_client(aiohttp_client: Any, settings: Settings) -> AppClientFactory:
+    """Start the real app against the test services; keyword arguments override settings."""
+
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        return await aiohttp_client(create_app(dataclasses.replace(settings, **overrides)))  # type: ignore[no-any-return]
+
+    return make
+
+
+@pytest_asyncio.fixture
+async def client(make_client: AppClientFactory) -> TestClient[Any, Any]:
+    return await make_client()
+
+
+async def receive(ws: ClientWebSocketResponse, *, timeout: float = 5.0) -> dict[str, Any]:
+    """The next event from the server, decoded; fails the test on a close or a timeout."""
+    msg = await ws.receive(timeout=timeout)
+    assert msg.type is WSMsgType.TEXT, f"expected a text frame, got {msg.type} {msg.data!r} {msg.extra!r}"
+    event: dict[str, Any] = orjson.loads(msg.data)
+    return event
+
+
+async def receive_until(ws: ClientWebSocketResponse, event_type: str, *, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Every event up to and including the first of `event_type`."""
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await receive(ws, timeout=timeout)
+            events.append(event)
+            if event["type"] == event_type:
+                return events
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 5.0) -> Any:
+    """Poll `check` until it returns something truthy; for outcomes that land in the background (database rows)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = await check()
+            if result:
+                return result
+            await asyncio.sleep(0.02)
