@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from aiohttp import web
@@ -26,6 +27,8 @@ def main(argv: list[str]) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     setup_logging(level=settings.log_level, fmt=settings.log_format)
+    url = f"http://{settings.host}:{settings.port}/"
+    logging.getLogger("server").info("listening", extra={"fields": {"url": url}})
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None, shutdown_timeout=10)
     return 0
 

@@ -364,4 +364,3 @@ class Connection:
         except _SEND_ERRORS:
             # The peer is gone; the read loop sees the close and winds the connection down.
             pass
-

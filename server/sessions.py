@@ -112,7 +112,10 @@ class Hub:
             except StoreUnavailable as e:
                 attempt += 1
                 delay = min(self._settings.store_retry_max_s, 0.05 * 2**attempt) * (0.5 + random.random() / 2)
-                log.warning("could not record session end, retrying", extra={"fields": {"session_id": session_id, "error": str(e)}})
+                log.warning(
+                    "could not record session end, retrying",
+                    extra={"fields": {"session_id": session_id, "error": str(e)}},
+                )
                 await asyncio.sleep(delay)
 
     async def close(self, *, within_s: float) -> None:

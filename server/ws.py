@@ -50,7 +50,9 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
             try:
                 opened, history = await hub.open(session, owner_id=None)
             except (StoreError, TimeoutError) as e:
-                log.warning("store unavailable at connect", extra={"fields": {"session_id": session_id, "error": str(e)}})
+                log.warning(
+                    "store unavailable at connect", extra={"fields": {"session_id": session_id, "error": str(e)}}
+                )
                 return _refuse(503, "store_unavailable", "the database is not answering; try again shortly")
             ws = web.WebSocketResponse(max_msg_size=settings.max_frame_bytes, heartbeat=settings.ws_heartbeat_s)
             await ws.prepare(request)

@@ -60,7 +60,38 @@ async def db(_migrated: str) -> AsyncIterator[asyncpg.Connection]:
     try:
         yield conn
     finally:
-        await conn.close()
+        # A fault-injection test may have restarted the server under this connection.
+        conn.terminate()
+
+
+class PostgresControl:
+    """Stops and starts the test PostgreSQL for real (through `make test`'s pg-ctl), to inject outages."""
+
+    def __init__(self, script: str, url: str) -> None:
+        self._script = script
+        self.url = url
+
+    async def _run(self, *args: str) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            self._script, *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        return await proc.wait()
+
+    async def stop(self) -> None:
+        assert await self._run("stop", "-m", "fast") == 0, "could not stop PostgreSQL"
+
+    async def start(self) -> None:
+        if await self._run("status") != 0:
+            assert await self._run("start") == 0, "could not start PostgreSQL"
+
+
+@pytest_asyncio.fixture
+async def postgres_control(pg_url: str) -> AsyncIterator[PostgresControl]:
+    control = PostgresControl(os.path.join(_required_env("TEST_SERVICES_DIR"), "pg-ctl"), pg_url)
+    try:
+        yield control
+    finally:
+        await control.start()  # Whatever the test did, the next one finds the database up.
 
 
 @pytest_asyncio.fixture
