@@ -8,7 +8,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -225,9 +225,8 @@ class Connection:
         self._answer = None
 
         error: LLMError | None = None
-        if answer.cancelled():
-            status = protocol.CANCELLED
-        elif isinstance(exc := answer.exception(), _ClientGone):
+        exc = None if answer.cancelled() else answer.exception()
+        if answer.cancelled() or isinstance(exc, _ClientGone):
             status = protocol.CANCELLED
         elif isinstance(exc, LLMError):
             status, error = protocol.FAILED, exc
@@ -359,8 +358,6 @@ class Connection:
     async def _send(self, frame: bytes) -> None:
         if self._ws.closed:
             return
-        try:
+        # A peer that is gone: the read loop sees the close and winds the connection down.
+        with suppress(*_SEND_ERRORS):
             await self._ws.send_frame(frame, WSMsgType.TEXT)
-        except _SEND_ERRORS:
-            # The peer is gone; the read loop sees the close and winds the connection down.
-            pass

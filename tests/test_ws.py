@@ -1,4 +1,4 @@
-"""Stories of a client on /ws/session/{id}: what it sends, what arrives on its socket, and what lands in the database."""
+"""Stories of a client on /ws/session/{id}: what it sends, what arrives on its socket, what lands in the database."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ async def test_a_reconnect_resumes_with_history_and_context(client, db, fake_llm
 
     # The resume cursor: only what came after the last id the client saw.
     ws, ready = await connect(client, after=str(ids[-1]))
-    assert [(m["role"], m["text"]) for m in ready["history"]][0] == ("user", "Which number?")
+    assert (ready["history"][0]["role"], ready["history"][0]["text"]) == ("user", "Which number?")
     assert all(m["id"] > ids[-1] for m in ready["history"])
     await ws.close()
 

@@ -154,8 +154,7 @@ class FakeOpenAI:
         last = said[-1] if said and isinstance(said[-1], str) else "(nothing)"
         return f"You said: {last}"
 
-    # The timeout argument is part of the fake's documented API, as in asyncio.wait_for.
-    async def wait_for_disconnect(self, timeout: float = 5, *, count: int = 1) -> None:  # noqa: ASYNC109
+    async def wait_for_disconnect(self, timeout: float = 5, *, count: int = 1) -> None:
         """Return once `count` clients have hung up since the last reset; TimeoutError when they do not."""
         async with asyncio.timeout(timeout):
             while self.disconnects < count:
