@@ -15,6 +15,7 @@ from .base import (
     SessionRecord,
     Store,
     StoredEvent,
+    SummaryState,
 )
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SessionRecord",
     "Store",
     "StoredEvent",
+    "SummaryState",
     "open_store",
 ]
 

@@ -54,8 +54,29 @@ class SessionRecord:
 
 @dataclass(frozen=True, slots=True)
 class OpenedSession:
+    """What opening a session found: its row, and whether this call created it."""
+
     record: SessionRecord
     created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryState:
+    """Where a session stands for its summary: its last event, and the last event its summary covers."""
+
+    session_id: str
+    start_time: datetime | None
+    end_time: datetime | None
+    last_event_id: int | None
+    last_event_at: datetime | None
+    summarized_through: int | None
+
+    @property
+    def up_to_date(self) -> bool:
+        """True when the stored summary covers the session's last event (or there is nothing to summarise)."""
+        return self.last_event_id is None or (
+            self.summarized_through is not None and self.summarized_through >= self.last_event_id
+        )
 
 
 class Store(Protocol):
@@ -99,6 +120,29 @@ class Store(Protocol):
 
     async def end_session(self, session_id: str, *, end_time: datetime) -> None:
         """Record when the session ended."""
+        ...
+
+    async def summary_state(self, session_id: str) -> SummaryState | None:
+        """The session's summary bookkeeping, or None for an unknown session."""
+        ...
+
+    async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
+        """Store a summary that covers the events up to `through_event_id`, and set end_time if it is still null.
+
+        Atomic and monotonic: when the stored summary already covers a later event, nothing changes and
+        False is returned, so a late job can never overwrite a newer summary with an older one.
+        """
+        ...
+
+    async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
+        """Sessions to (re)summarise, oldest first: ended ones whose summary does not cover their last event,
+        and ones never ended whose last event is older than `stale_before` (their server may have died)."""
+        ...
+
+    async def ended_sessions(
+        self, *, started_after: datetime | None = None, started_before: datetime | None = None, limit: int
+    ) -> list[SummaryState]:
+        """Ended sessions whose start_time falls in [started_after, started_before), oldest first."""
         ...
 
     async def ping(self) -> None:

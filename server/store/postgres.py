@@ -15,7 +15,7 @@ from asyncpg import exceptions as pg
 from asyncpg.pool import PoolConnectionProxy
 
 from ..errors import StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent
+from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState
 from .migrate import migrate_postgres
 
 # Errors after which the same call may succeed: the server is restarting, refusing or unreachable,
@@ -68,6 +68,45 @@ returning id, session_id, event_key
 _EXISTING_IDS = """
 select e.id, e.session_id, e.event_key from session_events e
 join unnest($1::text[], $2::text[]) as k(session_id, event_key) using (session_id, event_key)
+"""
+
+
+# A session's summary bookkeeping, with its newest event found through the (session_id, id) index.
+_SUMMARY_STATE = """
+select s.session_id, s.start_time, s.end_time, s.summarized_through,
+    e.id as last_event_id, e.created_at as last_event_at
+from sessions s
+left join lateral (
+    select id, created_at from session_events where session_id = s.session_id order by id desc limit 1
+) e on true
+"""
+
+# `<=`: a forced redo of the same state may replace its summary; an older state never replaces a newer one.
+_SAVE_SUMMARY = """
+update sessions set summary = $2, summarized_through = $3, summary_updated_at = now(),
+    end_time = coalesce(end_time, $4)
+where session_id = $1 and (summarized_through is null or summarized_through <= $3)
+"""
+
+# The first clause is only a cheap filter (a summary written after the session last ended is
+# up to date); the second is exact.
+_NEEDING_SUMMARY = f"""
+{_SUMMARY_STATE}
+where (s.end_time is null or s.summarized_through is null or s.summary_updated_at is null
+       or s.summary_updated_at < s.end_time)
+  and e.id is not null
+  and ((s.end_time is not null and (s.summarized_through is null or s.summarized_through < e.id))
+       or (s.end_time is null and e.created_at < $1))
+order by coalesce(s.end_time, e.created_at)
+limit $2
+"""
+
+_ENDED = f"""
+{_SUMMARY_STATE}
+where s.end_time is not null
+  and ($1::timestamptz is null or s.start_time >= $1) and ($2::timestamptz is null or s.start_time < $2)
+order by s.start_time, s.session_id
+limit $3
 """
 
 
@@ -125,6 +164,17 @@ def _session(row: asyncpg.Record) -> SessionRecord:
         summary=row["summary"],
         owner_id=row["owner_id"],
         message_count=row.get("message_count"),
+    )
+
+
+def _summary_state(row: asyncpg.Record) -> SummaryState:
+    return SummaryState(
+        session_id=row["session_id"],
+        start_time=row["start_time"],
+        end_time=row["end_time"],
+        last_event_id=row["last_event_id"],
+        last_event_at=row["last_event_at"],
+        summarized_through=row["summarized_through"],
     )
 
 
@@ -259,6 +309,28 @@ class PostgresStore:
     async def end_session(self, session_id: str, *, end_time: datetime) -> None:
         async with self._connection() as conn:
             await conn.execute("update sessions set end_time = $2 where session_id = $1", session_id, end_time)
+
+    async def summary_state(self, session_id: str) -> SummaryState | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_SUMMARY_STATE + " where s.session_id = $1", session_id)
+        return None if row is None else _summary_state(row)
+
+    async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
+        async with self._connection() as conn:
+            status = await conn.execute(_SAVE_SUMMARY, session_id, _no_nul(summary), through_event_id, end_time)
+        return bool(status == "UPDATE 1")
+
+    async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(_NEEDING_SUMMARY, stale_before, limit)
+        return [_summary_state(r) for r in rows]
+
+    async def ended_sessions(
+        self, *, started_after: datetime | None = None, started_before: datetime | None = None, limit: int
+    ) -> list[SummaryState]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(_ENDED, started_after, started_before, limit)
+        return [_summary_state(r) for r in rows]
 
     async def ping(self) -> None:
         async with self._connection() as conn:

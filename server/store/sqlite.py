@@ -14,7 +14,7 @@ import aiosqlite
 import orjson
 
 from ..errors import StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent
+from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState
 from .migrate import migrate_sqlite
 
 # Primary result codes after which the same call may succeed: another process holds the lock, or the
@@ -96,6 +96,42 @@ def _event(row: sqlite3.Row) -> StoredEvent:
         created_at=created_at,
         client_msg_id=row["client_msg_id"],
         metadata=orjson.loads(row["metadata"]),
+    )
+
+
+_SUMMARY_STATE = """
+select s.session_id, s.start_time, s.end_time, s.summarized_through,
+    (select max(id) from session_events e where e.session_id = s.session_id) as last_event_id,
+    (select created_at from session_events e where e.session_id = s.session_id order by id desc limit 1)
+        as last_event_at
+from sessions s
+"""
+
+_NEEDING_SUMMARY = f"""
+select * from ({_SUMMARY_STATE}) t
+where t.last_event_id is not null
+  and ((t.end_time is not null and (t.summarized_through is null or t.summarized_through < t.last_event_id))
+       or (t.end_time is null and t.last_event_at < ?))
+order by coalesce(t.end_time, t.last_event_at)
+limit ?
+"""
+
+_ENDED = f"""
+{_SUMMARY_STATE}
+where s.end_time is not null and (? is null or s.start_time >= ?) and (? is null or s.start_time < ?)
+order by s.start_time, s.session_id
+limit ?
+"""
+
+
+def _summary_state(row: sqlite3.Row) -> SummaryState:
+    return SummaryState(
+        session_id=row["session_id"],
+        start_time=_dt(row["start_time"]),
+        end_time=_dt(row["end_time"]),
+        last_event_id=row["last_event_id"],
+        last_event_at=_dt(row["last_event_at"]),
+        summarized_through=row["summarized_through"],
     )
 
 
@@ -253,6 +289,32 @@ class SQLiteStore:
     async def end_session(self, session_id: str, *, end_time: datetime) -> None:
         async with self._transaction() as db:
             await db.execute("update sessions set end_time = ? where session_id = ?", (_ts(end_time), session_id))
+
+    async def summary_state(self, session_id: str) -> SummaryState | None:
+        rows = await self._fetch(_SUMMARY_STATE + " where s.session_id = ?", (session_id,))
+        return _summary_state(rows[0]) if rows else None
+
+    async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
+        # `<=`: a forced redo of the same state may replace its summary; an older one never replaces a newer.
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "update sessions set summary = ?, summarized_through = ?, summary_updated_at = ?,"
+                " end_time = coalesce(end_time, ?)"
+                " where session_id = ? and (summarized_through is null or summarized_through <= ?)",
+                (summary, through_event_id, _ts(datetime.now(UTC)), _ts(end_time), session_id, through_event_id),
+            )
+            return cursor.rowcount == 1
+
+    async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
+        return [_summary_state(r) for r in await self._fetch(_NEEDING_SUMMARY, (_ts(stale_before), limit))]
+
+    async def ended_sessions(
+        self, *, started_after: datetime | None = None, started_before: datetime | None = None, limit: int
+    ) -> list[SummaryState]:
+        after = None if started_after is None else _ts(started_after)
+        before = None if started_before is None else _ts(started_before)
+        rows = await self._fetch(_ENDED, (after, after, before, before, limit))
+        return [_summary_state(r) for r in rows]
 
     async def ping(self) -> None:
         await self._fetch("select 1")
