@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from . import api, ws
 from .keys import HUB, LLM_CLIENT, METRICS, REDIS, SETTINGS, SOCKETS, STORE
 from .llm import make_llm
 from .metrics import Metrics
+from .presence import Presence
 from .sessions import Hub
 from .settings import Settings
 from .store import open_store
@@ -53,11 +55,17 @@ async def _llm(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _hub(app: web.Application) -> AsyncIterator[None]:
-    hub = Hub(app[STORE], app[METRICS], app[SETTINGS])
+    settings = app[SETTINGS]
+    presence = Presence(app[REDIS], ttl_s=settings.presence_ttl_s)
+    refresher = asyncio.create_task(presence.run(), name="presence")
+    hub = Hub(app[STORE], app[METRICS], settings, redis=app[REDIS], presence=presence)
     app[HUB] = hub
     yield
     # Runs after on_shutdown closed the sockets: give their last writes time to land before the store closes.
-    await hub.close(within_s=app[SETTINGS].shutdown_flush_s)
+    await hub.close(within_s=settings.shutdown_flush_s)
+    refresher.cancel()
+    await asyncio.gather(refresher, return_exceptions=True)
+    await presence.close()
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -116,7 +116,7 @@ class Connection:
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
         self._waiting.clear()
-        self._record(DISCONNECTED, None, {"close_code": self._ws.close_code})
+        self.session.last_event = self._record(DISCONNECTED, None, {"close_code": self._ws.close_code})
         now = datetime.now(UTC)
         self.session.ended_at = now
         if self.session.connection is self:

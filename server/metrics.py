@@ -51,5 +51,14 @@ class Metrics:
         )
         self.pending_writes = Gauge("rt_store_pending_events", "Events accepted but not yet committed", registry=r)
 
+        self.summary_jobs_enqueued = Counter(
+            "rt_summary_jobs_enqueued_total", "Summary jobs handed to the queue", registry=r
+        )
+        self.summary_enqueue_failures = Counter(
+            "rt_summary_enqueue_failures_total",
+            "Summary jobs Redis could not take (the sweeper catches up)",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

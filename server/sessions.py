@@ -8,9 +8,13 @@ import random
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from arq.connections import ArqRedis
+
 from .context import Context
-from .errors import StoreUnavailable
+from .errors import StoreError, StoreUnavailable
+from .jobs import enqueue_summary
 from .metrics import Metrics
+from .presence import Presence
 from .settings import Settings
 from .store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
 from .writer import EventWriter
@@ -33,6 +37,8 @@ class Session:
         self.connection: Connection | None = None
         self.loaded = False
         self.ended_at: datetime | None = None
+        # The `disconnected` event of the last connection: the state the summary job will cover.
+        self.last_event: asyncio.Future[int] | None = None
         # Held while a connection attaches and while the session is being ended, so the two never cross.
         self.lock = asyncio.Lock()
         self.users = 0
@@ -48,10 +54,14 @@ class Session:
 class Hub:
     """The registry of live sessions, and the background work that ends them after their last connection."""
 
-    def __init__(self, store: Store, metrics: Metrics, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, metrics: Metrics, settings: Settings, *, redis: ArqRedis, presence: Presence
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._settings = settings
+        self._redis = redis
+        self._presence = presence
         self._sessions: dict[str, Session] = {}
         self._endings: set[asyncio.Task[None]] = set()
 
@@ -67,6 +77,7 @@ class Hub:
             )
             context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
             session = self._sessions[session_id] = Session(session_id, writer=writer, context=context)
+            self._presence.hold(session_id)
         session.users += 1
         return session
 
@@ -93,15 +104,37 @@ class Hub:
         return opened, history
 
     async def _end(self, session: Session) -> None:
-        """After the last connection: wait for every write, then record the end time, unless someone came back."""
+        """After the last connection: wait for every write, record the end time and ask for the summary,
+        unless someone came back meanwhile."""
         await session.writer.drain()
+        last_event_id: int | None = None
         async with session.lock:
             if session.users > 0:
                 return
             if session.ended_at is not None:
                 await self._record_end(session.id, session.ended_at)
+                last_event_id = await self._last_event_id(session)
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
+                self._presence.release(session.id)
+        if last_event_id is not None:
+            await enqueue_summary(
+                self._redis, self._metrics, session.id, last_event_id, delay_s=self._settings.summary_delay_s
+            )
+
+    async def _last_event_id(self, session: Session) -> int | None:
+        last = session.last_event
+        if last is not None and last.done() and not last.cancelled() and last.exception() is None:
+            return last.result()
+        try:
+            state = await self._store.summary_state(session.id)
+        except StoreError as e:
+            # The sweeper will find the session; nothing is lost by not enqueueing now.
+            log.warning(
+                "could not read the session's last event", extra={"fields": {"session_id": session.id, "error": str(e)}}
+            )
+            return None
+        return None if state is None else state.last_event_id
 
     async def _record_end(self, session_id: str, end_time: datetime) -> None:
         attempt = 0

@@ -135,6 +135,25 @@ class Settings:
     store_retry_max_s: float = field(default=5.0, metadata=_env("STORE_RETRY_MAX_S", _positive_float))
     store_connect_timeout_s: float = field(default=5.0, metadata=_env("STORE_CONNECT_TIMEOUT_S", _positive_float))
 
+    # Post-session summaries.
+    summary_delay_s: float = field(default=0.0, metadata=_env("SUMMARY_DELAY_S", _non_negative_float))
+    summary_prompt: str = field(
+        default=(
+            "Summarise this conversation between a user and an AI assistant in at most {max_words} words, "
+            "in the language the conversation is in. Say what the user wanted, the key facts and answers, "
+            "and anything left open. Write plain prose, no preamble."
+        ),
+        metadata=_env("SUMMARY_PROMPT"),
+    )
+    summary_max_words: int = field(default=120, metadata=_env("SUMMARY_MAX_WORDS", _positive_int))
+    summary_chunk_chars: int = field(default=24_000, metadata=_env("SUMMARY_CHUNK_CHARS", _positive_int))
+    summary_max_tries: int = field(default=5, metadata=_env("SUMMARY_MAX_TRIES", _positive_int))
+    summary_retry_base_s: float = field(default=5.0, metadata=_env("SUMMARY_RETRY_BASE_S", _positive_float))
+    summary_job_timeout_s: float = field(default=300.0, metadata=_env("SUMMARY_JOB_TIMEOUT_S", _positive_float))
+    session_stale_s: float = field(default=900.0, metadata=_env("SESSION_STALE_S", _positive_float))
+    presence_ttl_s: float = field(default=60.0, metadata=_env("PRESENCE_TTL_S", _positive_float))
+    sweep_batch: int = field(default=200, metadata=_env("SWEEP_BATCH", _positive_int))
+
     # The server.
     host: str = field(default="127.0.0.1", metadata=_env("HOST"))
     port: int = field(default=8001, metadata=_env("PORT", _port))

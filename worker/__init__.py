@@ -1,0 +1,28 @@
+"""The arq worker: post-session summaries and the sweeper. Run it with `arq worker.WorkerSettings`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use, not at import: reading the environment is the entry point's job, and a bad
+    # value must stop the worker with one line, not a traceback.
+    if name != "WorkerSettings":
+        raise AttributeError(name)
+    from server.errors import ConfigError
+    from server.logs import setup_logging
+    from server.settings import Settings
+
+    from .settings import build_worker_settings
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    setup_logging(level=settings.log_level, fmt=settings.log_format)
+    worker_settings = build_worker_settings(settings)
+    globals()["WorkerSettings"] = worker_settings
+    return worker_settings

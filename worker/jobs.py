@@ -1,0 +1,125 @@
+"""The worker's jobs: summarise one session, and sweep for sessions that ended without an up-to-date summary."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+from arq import Retry
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+
+from server.errors import LLMError, StoreError
+from server.jobs import SUMMARIZE_JOB, held_key, summary_job_id
+from server.llm import LLM, make_llm
+from server.settings import Settings
+from server.store import MESSAGE_TYPES, Store, open_store
+
+from .summarize import summarize
+
+log = logging.getLogger(__name__)
+
+
+class SummaryFailed(Exception):
+    """A summary could not be made within the allowed tries; the session is left for the sweeper or the CLI."""
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    ctx["store"] = await open_store(settings)
+    ctx["llm"] = make_llm(settings)
+    log.info(
+        "worker ready",
+        extra={"fields": {"store": ctx["store"].name, "model": ctx["llm"].model, "redis": settings.redis_url}},
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    if "llm" in ctx:
+        await ctx["llm"].close()
+    if "store" in ctx:
+        await ctx["store"].close()
+
+
+async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool = False) -> dict[str, Any]:
+    """Summarise the session as it is now. Idempotent: a state already summarised is left alone (unless `force`),
+    and a session that is live again is left for its next disconnect."""
+    settings: Settings = ctx["settings"]
+    store: Store = ctx["store"]
+    llm: LLM = ctx["llm"]
+    started = time.perf_counter()
+    fields: dict[str, Any] = {"session_id": session_id, "try": ctx.get("job_try", 1)}
+    try:
+        state = await store.summary_state(session_id)
+        if state is None:
+            return _done("unknown session", fields)
+        if state.last_event_id is None:
+            return _done("no events", fields)
+        if state.end_time is None and await _held(ctx["redis"], session_id):
+            return _done("session is live", fields)
+        if state.up_to_date and not force:
+            return _done("up to date", fields)
+        events = await store.events(session_id, types=MESSAGE_TYPES, after=0)
+        summary = await summarize(llm, events, settings)
+        end_time = state.end_time or state.last_event_at or datetime.now(UTC)
+        saved = await store.save_summary(
+            session_id, summary=summary, through_event_id=state.last_event_id, end_time=end_time
+        )
+    except (LLMError, StoreError) as e:
+        _retry_or_fail(ctx, settings, fields, e)
+    fields.update(through_event_id=state.last_event_id, latency_ms=round((time.perf_counter() - started) * 1000, 1))
+    return _done("summarised" if saved else "a newer summary exists", fields)
+
+
+def _retry_or_fail(ctx: dict[str, Any], settings: Settings, fields: dict[str, Any], error: Exception) -> NoReturn:
+    tries = int(ctx.get("job_try", 1))
+    fields["error"] = str(error)
+    if tries >= settings.summary_max_tries:
+        log.error("summary failed, giving up", extra={"fields": fields})
+        raise SummaryFailed(f"no summary after {tries} tries: {error}") from error
+    delay = settings.summary_retry_base_s * 2 ** (tries - 1)
+    fields["retry_in_s"] = delay
+    log.warning("summary failed, will retry", extra={"fields": fields})
+    raise Retry(defer=delay) from error
+
+
+def _done(outcome: str, fields: dict[str, Any]) -> dict[str, Any]:
+    log.info("summary job done", extra={"fields": {**fields, "outcome": outcome}})
+    return {"session_id": fields["session_id"], "outcome": outcome}
+
+
+async def _held(redis: ArqRedis, session_id: str) -> bool:
+    """Whether a live server holds the session. When Redis cannot tell, assume it does: never end a live session."""
+    try:
+        return bool(await redis.exists(held_key(session_id)))
+    except (RedisError, OSError):
+        return True
+
+
+async def sweep_sessions(ctx: dict[str, Any]) -> dict[str, int]:
+    """Find sessions that ended without an up-to-date summary, and sessions whose server died (no end time, no
+    live holder, quiet for SESSION_STALE_S); end the latter, and enqueue a summary job for each."""
+    settings: Settings = ctx["settings"]
+    store: Store = ctx["store"]
+    redis: ArqRedis = ctx["redis"]
+    stale_before = datetime.now(UTC) - timedelta(seconds=settings.session_stale_s)
+    candidates = await store.sessions_needing_summary(stale_before=stale_before, limit=settings.sweep_batch)
+    ended = enqueued = 0
+    for state in candidates:
+        if state.last_event_id is None:
+            continue
+        if state.end_time is None:
+            if await _held(redis, state.session_id):
+                continue
+            await store.end_session(state.session_id, end_time=state.last_event_at or datetime.now(UTC))
+            ended += 1
+        job = await redis.enqueue_job(
+            SUMMARIZE_JOB, state.session_id, _job_id=summary_job_id(state.session_id, state.last_event_id)
+        )
+        enqueued += job is not None
+    result = {"candidates": len(candidates), "ended": ended, "enqueued": enqueued}
+    if candidates:
+        log.info("sweep done", extra={"fields": result})
+    return result

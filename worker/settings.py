@@ -1,0 +1,42 @@
+"""The arq worker's configuration, built from the service's one `Settings` object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq import cron, func
+from arq.connections import RedisSettings
+
+from server.jobs import SUMMARIZE_JOB, SWEEP_JOB
+from server.settings import Settings
+
+from .jobs import shutdown, startup, summarize_session, sweep_sessions
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `arq.Worker`: the tests build workers from this, `arq worker.WorkerSettings` too."""
+    return {
+        "functions": [
+            func(
+                summarize_session,
+                name=SUMMARIZE_JOB,
+                max_tries=settings.summary_max_tries,
+                timeout=settings.summary_job_timeout_s,
+            ),
+            # Also callable on demand, e.g. right after an outage.
+            func(sweep_sessions, name=SWEEP_JOB, max_tries=1, timeout=settings.summary_job_timeout_s),
+        ],
+        # Every minute, on every worker; `unique` lets only one of them run each round.
+        "cron_jobs": [cron(sweep_sessions, name="sweep_sessions_cron", second=0, run_at_startup=True, unique=True)],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "ctx": {"settings": settings},
+        "job_timeout": settings.summary_job_timeout_s,
+        "max_tries": settings.summary_max_tries,
+    }
+
+
+def build_worker_settings(settings: Settings) -> type:
+    """A `WorkerSettings` class as arq's command line expects: a plain class whose attributes are Worker options."""
+    return type("WorkerSettings", (), worker_options(settings))

@@ -1,0 +1,84 @@
+"""Turning a session's stored messages into a concise summary: one request, or chunks combined when it is long."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from server.llm import LLM, ChatMessage
+from server.settings import OFFLINE_MODEL, Settings
+from server.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
+
+_COMBINE = (
+    "These are summaries of consecutive parts of one conversation, in order. Merge them into a single summary "
+    "of the whole conversation."
+)
+
+
+def transcript_lines(events: Sequence[StoredEvent]) -> list[str]:
+    """One line per message; failed answers are left out, as they were out of the model's context."""
+    lines = []
+    for event in events:
+        if event.event_type == USER_MESSAGE:
+            lines.append(f"User: {event.content or ''}")
+        elif event.event_type == AI_MESSAGE and event.metadata.get("status") != "failed":
+            lines.append(f"Assistant: {event.content or ''}")
+    return lines
+
+
+def chunk(lines: Sequence[str], max_chars: int) -> list[list[str]]:
+    """Consecutive groups of lines of at most `max_chars` each (a longer line is cut to fit)."""
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for line in lines:
+        line = line[:max_chars]
+        if current and size + len(line) + 1 > max_chars:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(line)
+        size += len(line) + 1
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+async def summarize(llm: LLM, events: Sequence[StoredEvent], settings: Settings) -> str:
+    """A summary of the conversation in `events`; raises LLMError when the model fails."""
+    lines = transcript_lines(events)
+    if not lines:
+        return "No messages were exchanged in this session."
+    if llm.model == OFFLINE_MODEL:
+        return offline_summary(lines)
+    instruction = settings.summary_prompt.format(max_words=settings.summary_max_words)
+    # Room for the words asked for, with slack: a word is about two tokens in most languages.
+    max_tokens = settings.summary_max_words * 3
+    parts = chunk(lines, settings.summary_chunk_chars)
+    partials = [await _ask(llm, instruction, "\n".join(part), max_tokens) for part in parts]
+    if len(partials) == 1:
+        return partials[0]
+    # Each part's summary is short, so the combined request fits even for very long sessions.
+    return await _ask(llm, f"{_COMBINE} {instruction}", "\n\n".join(partials), max_tokens)
+
+
+async def _ask(llm: LLM, instruction: str, text: str, max_tokens: int) -> str:
+    messages: list[ChatMessage] = [
+        {"role": "system", "content": instruction},
+        {"role": "user", "content": text},
+    ]
+    return (await llm.complete(messages, max_tokens=max_tokens)).strip()
+
+
+def offline_summary(lines: Sequence[str]) -> str:
+    """What the offline demo model can honestly say about a conversation: its shape, and where it started and ended."""
+    users = [line.removeprefix("User: ") for line in lines if line.startswith("User: ")]
+    answers = len(lines) - len(users)
+
+    def quote(text: str) -> str:
+        text = " ".join(text.split())
+        return f'"{text[:80]}…"' if len(text) > 80 else f'"{text}"'
+
+    summary = f"Offline demo summary: {len(users)} user message(s) and {answers} answer(s)."
+    if users:
+        summary += f" It began with {quote(users[0])}"
+        summary += f" and ended with {quote(users[-1])}." if len(users) > 1 else "."
+    return summary
