@@ -14,12 +14,14 @@ import pytest
 import pytest_asyncio
 from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiohttp.test_utils import TestClient
+from arq.worker import Worker
 from redis.asyncio import Redis
 
 from server.app import create_app
 from server.settings import Settings
 from server.store.migrate import migrate_postgres
 from tests.fakes.openai_server import FakeOpenAI
+from worker.settings import worker_options
 
 
 def _required_env(name: str) -> str:
@@ -94,6 +96,34 @@ async def postgres_control(pg_url: str) -> AsyncIterator[PostgresControl]:
         await control.start()  # Whatever the test did, the next one finds the database up.
 
 
+class RedisControl:
+    """Stops and starts the test Redis for real (through `make test`'s redis-ctl)."""
+
+    def __init__(self, script: str) -> None:
+        self._script = script
+
+    async def _run(self, command: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            self._script, command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        assert await proc.wait() == 0, f"redis-ctl {command} failed"
+
+    async def stop(self) -> None:
+        await self._run("stop")
+
+    async def start(self) -> None:
+        await self._run("start")
+
+
+@pytest_asyncio.fixture
+async def redis_control() -> AsyncIterator[RedisControl]:
+    control = RedisControl(os.path.join(_required_env("TEST_SERVICES_DIR"), "redis-ctl"))
+    try:
+        yield control
+    finally:
+        await control.start()  # A no-op when it runs: the next test finds Redis up.
+
+
 @pytest_asyncio.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
@@ -150,6 +180,24 @@ async def make_client(aiohttp_client: Any, settings: Settings) -> AppClientFacto
         return await aiohttp_client(create_app(dataclasses.replace(settings, **overrides)))  # type: ignore[no-any-return]
 
     return make
+
+
+@pytest_asyncio.fixture
+async def run_worker(settings: Settings) -> Callable[..., Awaitable[Worker]]:
+    """Run the real arq worker in burst mode until its queue is empty; keyword arguments override settings."""
+
+    async def run(**overrides: Any) -> Worker:
+        options = worker_options(dataclasses.replace(settings, **overrides))
+        # The sweeper is run on demand in tests (as the SWEEP_JOB function), not on the clock.
+        options.update(cron_jobs=None, burst=True, handle_signals=False, poll_delay=0.05)
+        worker = Worker(**options)
+        try:
+            await worker.async_run()
+        finally:
+            await worker.close()
+        return worker
+
+    return run
 
 
 @pytest_asyncio.fixture

@@ -1,0 +1,329 @@
+"""Post-session summaries: the server enqueues, the real arq worker summarises, the sweeper and the CLI catch up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from arq.connections import ArqRedis
+from arq.worker import Worker
+
+from server.jobs import SWEEP_JOB
+from server.settings import REPO_ROOT
+from tests.conftest import eventually, receive, receive_until
+from tests.fakes import openai_server as fake
+from worker import cli
+from worker.settings import worker_options
+
+
+async def chat_and_leave(client: Any, session_id: str, *texts: str) -> None:
+    ws = await client.ws_connect(f"/ws/session/{session_id}")
+    await receive(ws)
+    for text in texts:
+        await ws.send_str(text)
+        await receive_until(ws, "response.done")
+    await ws.close()
+
+
+async def summary_row(db: Any, session_id: str) -> Any:
+    return await db.fetchrow(
+        "select summary, summarized_through, end_time, (select max(id) from session_events e"
+        " where e.session_id = s.session_id) as last_id from sessions s where session_id = $1",
+        session_id,
+    )
+
+
+async def queued(redis: Any) -> int:
+    return int(await redis.zcard("arq:queue"))
+
+
+def summary_requests(fake_llm: Any) -> list[dict[str, Any]]:
+    return [r for r in fake_llm.requests if "Summarise" in r["messages"][0]["content"]]
+
+
+async def test_a_closed_session_gets_its_summary_from_the_worker(client, db, redis, fake_llm, run_worker):
+    await chat_and_leave(client, "s1", "I want to plan a trip to Lisbon.")
+    await eventually(lambda: queued(redis))
+    await run_worker()
+
+    row = await summary_row(db, "s1")
+    assert row["end_time"] is not None
+    assert row["summarized_through"] == row["last_id"]
+    [request] = summary_requests(fake_llm)
+    assert "User: I want to plan a trip to Lisbon." in request["messages"][1]["content"]
+    assert row["summary"] == fake_llm.reply_for(request["messages"])
+
+
+async def test_the_same_state_is_never_summarised_twice(client, db, redis, fake_llm, run_worker):
+    await chat_and_leave(client, "s1", "hello")
+    await eventually(lambda: queued(redis))
+    await run_worker()
+    assert len(summary_requests(fake_llm)) == 1
+
+    # The sweeper and a repeated job find the summary up to date and leave it alone.
+    arq = ArqRedis(connection_pool=redis.connection_pool)
+    await arq.enqueue_job(SWEEP_JOB)
+    await arq.enqueue_job("summarize_session", "s1", _job_id="again")
+    await run_worker()
+    assert len(summary_requests(fake_llm)) == 1
+
+
+async def test_a_resumed_session_gets_a_new_summary_covering_its_new_messages(client, db, redis, fake_llm, run_worker):
+    await chat_and_leave(client, "s1", "first visit")
+    await eventually(lambda: queued(redis))
+    await run_worker()
+    first = await summary_row(db, "s1")
+
+    await chat_and_leave(client, "s1", "second visit")
+    await eventually(lambda: queued(redis))
+    await run_worker()
+    second = await summary_row(db, "s1")
+
+    assert second["summarized_through"] == second["last_id"] > first["summarized_through"]
+    assert second["end_time"] > first["end_time"]
+    latest = summary_requests(fake_llm)[-1]["messages"][1]["content"]
+    assert "User: first visit" in latest and "User: second visit" in latest
+
+
+async def test_llm_down_retries_then_leaves_the_session_and_resummarize_fixes_it(
+    client, db, redis, fake_llm, run_worker, settings, capsys
+):
+    await chat_and_leave(client, "s1", "please remember this")
+    await eventually(lambda: queued(redis))
+    fake_llm.script(*[fake.server_error(503)] * 2)
+    await run_worker(summary_max_tries=2, summary_retry_base_s=0.05, llm_max_retries=0)
+
+    assert len(summary_requests(fake_llm)) == 2
+    assert (await summary_row(db, "s1"))["summary"] is None
+
+    # The model is back: reprocess what is missing, with a worker running beside the CLI.
+    options = worker_options(settings)
+    options.update(cron_jobs=None, handle_signals=False, poll_delay=0.05)
+    worker = Worker(**options)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        args = cli._parser().parse_args(["resummarize", "--missing", "--wait", "--timeout", "10"])
+        assert await cli._resummarize(args, settings) == 0
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await worker.close()
+    out = capsys.readouterr().out
+    assert "s1: summarised" in out
+    assert "1 done, 0 failed" in out
+    assert (await summary_row(db, "s1"))["summary"]
+
+
+async def test_redis_down_at_disconnect_is_caught_up_by_the_sweeper(
+    client, db, redis, fake_llm, run_worker, redis_control
+):
+    ws = await client.ws_connect("/ws/session/s1")
+    await receive(ws)
+    await ws.send_str("hello while redis is fine")
+    await receive_until(ws, "response.done")
+    await redis_control.stop()
+    await ws.close()
+
+    async def ended() -> Any:
+        return (await summary_row(db, "s1"))["end_time"]
+
+    await eventually(ended)
+
+    async def failure_counted() -> bool:
+        text = await (await client.get("/metrics")).text()
+        return "rt_summary_enqueue_failures_total 1.0" in text
+
+    await eventually(failure_counted, timeout=10)
+    await redis_control.start()
+
+    # The sweeper finds the ended session without a summary.
+    await ArqRedis(connection_pool=redis.connection_pool).enqueue_job(SWEEP_JOB)
+    await run_worker()
+    row = await summary_row(db, "s1")
+    assert row["summary"] and row["summarized_through"] == row["last_id"]
+
+
+def _env(settings: Any, **extra: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO_ROOT),
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "OPENAI_BASE_URL": settings.openai_base_url,
+        "OPENAI_API_KEY": "test-key",
+        "OPENAI_MODEL": "fake-model",
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_worker_killed_mid_job_leaves_the_job_for_the_next_worker(db, redis, fake_llm, run_worker, settings):
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("insert into sessions (session_id, start_time, end_time) values ('s1', now(), now())")
+        await conn.execute(
+            "insert into session_events (session_id, event_type, content, event_key) values"
+            " ('s1', 'user_message', 'summarise me', 'k1')"
+        )
+    finally:
+        await conn.close()
+    arq = ArqRedis(connection_pool=redis.connection_pool)
+    await arq.enqueue_job("summarize_session", "s1", _job_id="summary:s1:1")
+
+    fake_llm.script(fake.hang())
+    arq_bin = os.path.join(os.path.dirname(sys.executable), "arq")
+    proc = await asyncio.create_subprocess_exec(
+        arq_bin,
+        "worker.WorkerSettings",
+        env=_env(settings, SUMMARY_JOB_TIMEOUT_S="1", LLM_FIRST_TOKEN_TIMEOUT_S="60"),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await eventually(lambda: asyncio.sleep(0, result=summary_requests(fake_llm)), timeout=20)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+    # The next worker takes the job over once the dead one's claim on it expires.
+    await run_worker(summary_job_timeout_s=1)
+    row = await summary_row(db, "s1")
+    assert row["summary"] == "You said: User: summarise me"
+    assert row["summarized_through"] == row["last_id"]
+
+
+async def test_a_server_killed_mid_session_is_ended_and_summarised_by_the_sweeper(
+    db, redis, fake_llm, run_worker, settings
+):
+    port = _free_port()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        env=_env(settings, PORT=str(port), PRESENCE_TTL_S="1"),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def up() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    return (await http.get(f"http://127.0.0.1:{port}/healthz")).status == 200
+                return False
+
+            await eventually(up, timeout=20)
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws/session/s1")
+            await receive(ws)
+            await ws.send_str("the server is about to die")
+            await receive_until(ws, "response.done")
+            await receive_until(ws, "message.stored")
+            await receive_until(ws, "message.stored")
+            server.send_signal(signal.SIGKILL)
+            await server.wait()
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+    row = await summary_row(db, "s1")
+    assert row["end_time"] is None
+    # The dead server's hold expires within PRESENCE_TTL_S; then the sweeper ends and summarises the session.
+    await asyncio.sleep(1.5)
+    arq = ArqRedis(connection_pool=redis.connection_pool)
+    await arq.enqueue_job(SWEEP_JOB)
+    await run_worker(session_stale_s=0.5)
+    row = await summary_row(db, "s1")
+    assert row["end_time"] is not None
+    assert row["summary"] and row["summarized_through"] == row["last_id"]
+
+
+async def test_a_live_session_is_not_ended_by_the_sweeper(client, db, redis, fake_llm, run_worker):
+    ws = await client.ws_connect("/ws/session/s1")
+    await receive(ws)
+    await ws.send_str("still here")
+    await receive_until(ws, "response.done")
+    arq = ArqRedis(connection_pool=redis.connection_pool)
+    await arq.enqueue_job(SWEEP_JOB)
+    await run_worker(session_stale_s=0.01)
+    row = await summary_row(db, "s1")
+    assert row["end_time"] is None and row["summary"] is None
+    await ws.close()
+
+
+def run_cli(settings: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=_env(settings),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_resummarize_refuses_unknown_sessions_and_bad_dates_clearly(db, settings):
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "nope")
+    assert result.returncode == 2
+    assert "unknown session(s): nope" in result.stderr
+
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "--all", "--since", "yesterday")
+    assert result.returncode == 2
+    assert "invalid date 'yesterday'" in result.stderr
+
+    result = await asyncio.to_thread(run_cli, settings, "resummarize")
+    assert result.returncode == 2
+
+
+async def test_resummarize_dry_run_lists_what_it_would_do(client, db, redis, settings):
+    await chat_and_leave(client, "s1", "one")
+    await chat_and_leave(client, "s2", "two")
+
+    async def both_ended() -> bool:
+        return bool(await db.fetchval("select count(*) = 2 from sessions where end_time is not null"))
+
+    await eventually(both_ended)
+    before = await queued(redis)
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "--all", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "would summarise s1" in result.stdout and "would summarise s2" in result.stdout
+    assert await queued(redis) == before
+
+
+@pytest.mark.parametrize("n_messages", [40])
+async def test_a_long_history_is_summarised_in_chunks_then_combined(
+    client, db, redis, fake_llm, run_worker, n_messages
+):
+    await chat_and_leave(client, "s1", *[f"message number {i} " + "x" * 50 for i in range(n_messages)])
+    await eventually(lambda: queued(redis))
+    await run_worker(summary_chunk_chars=1000)
+
+    summaries = summary_requests(fake_llm)
+    assert len(summaries) > 2
+    combine = summaries[-1]
+    assert combine["messages"][0]["content"].startswith("These are summaries")
+    # Every chunk stays within the budget, and together they cover every message once.
+    chunks = [r["messages"][1]["content"] for r in summaries[:-1]]
+    assert all(len(c) <= 1000 for c in chunks)
+    assert sum(c.count("User: message number") for c in chunks) == n_messages
+    row = await summary_row(db, "s1")
+    assert row["summary"] == fake_llm.reply_for(combine["messages"])
