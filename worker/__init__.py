@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -23,6 +24,9 @@ def __getattr__(name: str) -> Any:
         print(f"configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     setup_logging(level=settings.log_level, fmt=settings.log_format)
+    # arq's command line gives its logger a handler of its own after this import; without this its
+    # lines would print twice.
+    logging.getLogger("arq").propagate = False
     worker_settings = build_worker_settings(settings)
     globals()["WorkerSettings"] = worker_settings
     return worker_settings
