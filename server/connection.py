@@ -216,11 +216,12 @@ class Connection:
         messages = context.messages()
         stats = StreamStats()
         parts: list[str] = []
+        # Written before the answer task exists, so no delta can overtake it.
+        await self._send(protocol.response_started(response_id, turn.client_msg_id))
         answer = asyncio.create_task(self._stream(response_id, messages, stats, parts), name=f"answer:{response_id}")
         self._answer = answer
         if self._closing:
             answer.cancel()
-        await self._send(protocol.response_started(response_id, turn.client_msg_id))
         await asyncio.wait((answer,))
         self._answer = None
 
