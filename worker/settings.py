@@ -34,6 +34,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "ctx": {"settings": settings},
         "job_timeout": settings.summary_job_timeout_s,
         "max_tries": settings.summary_max_tries,
+        # `arq --check worker.WorkerSettings` (the container's health check) reads this heartbeat.
+        "health_check_interval": 30,
     }
 
 

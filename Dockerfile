@@ -1,0 +1,28 @@
+# One image for the server (`python -m server`) and the worker (`arq worker.WorkerSettings`).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin app
+
+# Dependencies first, in a layer of their own: it is rebuilt only when pyproject.toml changes.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# The code runs from /app (not installed), so it finds web/ and sql/ beside it.
+COPY server ./server
+COPY worker ./worker
+COPY web ./web
+COPY sql ./sql
+RUN mkdir -p /app/data && chown app /app/data
+
+USER app
+EXPOSE 8001
+CMD ["python", "-m", "server"]
