@@ -76,6 +76,8 @@ class Connection:
         self._runner: asyncio.Task[None] | None = None
         self._answer: asyncio.Task[None] | None = None
         self._closing = False
+        # Set at shutdown: the answer streaming now may finish, waiting turns are not started.
+        self._draining = False
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._limiter = _RateLimiter(settings.messages_per_minute)
@@ -102,6 +104,12 @@ class Connection:
         """A newer connection takes the session over: close this one with 4000 and wait until it let go."""
         await self.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
         await self._closed.wait()
+
+    async def finish_answer(self) -> None:
+        """Shutdown: let the answer in flight finish, start no other; messages still arriving are stored."""
+        self._draining = True
+        if self._answer is not None:
+            await asyncio.wait((self._answer,))
 
     async def close(self, code: int, message: str) -> None:
         await self._ws.close(code=code, message=message.encode())
@@ -202,7 +210,7 @@ class Connection:
     # Answering.
 
     async def _run_turns(self) -> None:
-        while not self._closing:
+        while not self._closing and not self._draining:
             if not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()

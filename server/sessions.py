@@ -151,6 +151,16 @@ class Hub:
                 )
                 await asyncio.sleep(delay)
 
+    async def finish_answers(self, *, within_s: float) -> None:
+        """Shutdown: give the answers streaming now up to `within_s` to finish before the sockets close."""
+        connections = [s.connection for s in self._sessions.values() if s.connection is not None]
+        if connections:
+            tasks = [asyncio.create_task(c.finish_answer()) for c in connections]
+            _, late = await asyncio.wait(tasks, timeout=within_s)
+            for task in late:
+                task.cancel()
+            log.info("answers drained", extra={"fields": {"connections": len(connections), "cut_short": len(late)}})
+
     async def close(self, *, within_s: float) -> None:
         """Process shutdown: give pending writes `within_s` to land, then give up on the rest, loudly."""
         if self._endings:

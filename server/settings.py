@@ -161,6 +161,7 @@ class Settings:
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL", _log_level))
     log_format: str = field(default="text", metadata=_env("LOG_FORMAT", _log_format))
     ws_heartbeat_s: float = field(default=30.0, metadata=_env("WS_HEARTBEAT_S", _positive_float))
+    shutdown_drain_s: float = field(default=20.0, metadata=_env("SHUTDOWN_DRAIN_S", _non_negative_float))
     shutdown_flush_s: float = field(default=10.0, metadata=_env("SHUTDOWN_FLUSH_S", _positive_float))
 
     # Protocol limits.

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -18,7 +22,7 @@ from arq.worker import Worker
 from redis.asyncio import Redis
 
 from server.app import create_app
-from server.settings import Settings
+from server.settings import REPO_ROOT, Settings
 from server.store.migrate import migrate_postgres
 from tests.fakes.openai_server import FakeOpenAI
 from worker.settings import worker_options
@@ -165,6 +169,7 @@ def settings(db: asyncpg.Connection, redis: Redis, fake_llm: FakeOpenAI, pg_url:
         llm_retry_budget_s=2.0,
         llm_retry_after_cap_s=0.2,
         store_retry_max_s=0.5,
+        shutdown_drain_s=1.0,
         shutdown_flush_s=5.0,
     )
 
@@ -232,3 +237,53 @@ async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 5.
             if result:
                 return result
             await asyncio.sleep(0.02)
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment for a real `python -m server` or `arq worker.WorkerSettings` against the test services."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO_ROOT),
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "OPENAI_BASE_URL": settings.openai_base_url or "",
+        "OPENAI_API_KEY": "test-key",
+        "OPENAI_MODEL": "fake-model",
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_server(settings: Settings, **env: str) -> tuple[asyncio.subprocess.Process, int]:
+    """A real server process on a free port, answering /healthz; the caller stops it."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        env=service_env(settings, PORT=str(port), **env),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+    async def up() -> bool:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                return resp.status == 200
+        return False
+
+    try:
+        await eventually(up, timeout=20)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, port

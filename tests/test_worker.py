@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -19,7 +18,7 @@ from arq.worker import Worker
 
 from server.jobs import SWEEP_JOB
 from server.settings import REPO_ROOT
-from tests.conftest import eventually, receive, receive_until
+from tests.conftest import eventually, receive, receive_until, service_env, start_server
 from tests.fakes import openai_server as fake
 from worker import cli
 from worker.settings import worker_options
@@ -153,27 +152,6 @@ async def test_redis_down_at_disconnect_is_caught_up_by_the_sweeper(
     assert row["summary"] and row["summarized_through"] == row["last_id"]
 
 
-def _env(settings: Any, **extra: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(REPO_ROOT),
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "OPENAI_BASE_URL": settings.openai_base_url,
-        "OPENAI_API_KEY": "test-key",
-        "OPENAI_MODEL": "fake-model",
-        "LOG_LEVEL": "INFO",
-    }
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_worker_killed_mid_job_leaves_the_job_for_the_next_worker(db, redis, fake_llm, run_worker, settings):
     conn = await asyncpg.connect(settings.database_url)
     try:
@@ -192,7 +170,7 @@ async def test_a_worker_killed_mid_job_leaves_the_job_for_the_next_worker(db, re
     proc = await asyncio.create_subprocess_exec(
         arq_bin,
         "worker.WorkerSettings",
-        env=_env(settings, SUMMARY_JOB_TIMEOUT_S="1", LLM_FIRST_TOKEN_TIMEOUT_S="60"),
+        env=service_env(settings, SUMMARY_JOB_TIMEOUT_S="1", LLM_FIRST_TOKEN_TIMEOUT_S="60"),
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -213,31 +191,17 @@ async def test_a_worker_killed_mid_job_leaves_the_job_for_the_next_worker(db, re
 async def test_a_server_killed_mid_session_is_ended_and_summarised_by_the_sweeper(
     db, redis, fake_llm, run_worker, settings
 ):
-    port = _free_port()
-    server = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        env=_env(settings, PORT=str(port), PRESENCE_TTL_S="1"),
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server, port = await start_server(settings, PRESENCE_TTL_S="1")
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def up() -> bool:
-                with contextlib.suppress(aiohttp.ClientError):
-                    return (await http.get(f"http://127.0.0.1:{port}/healthz")).status == 200
-                return False
-
-            await eventually(up, timeout=20)
             ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws/session/s1")
             await receive(ws)
             await ws.send_str("the server is about to die")
-            await receive_until(ws, "response.done")
-            await receive_until(ws, "message.stored")
-            await receive_until(ws, "message.stored")
+            events = await receive_until(ws, "response.done")
+            # Killed only once both messages are durably stored: the sweeper must find them.
+            stored = sum(e["type"] == "message.stored" for e in events)
+            while stored < 2:
+                stored += (await receive(ws))["type"] == "message.stored"
             server.send_signal(signal.SIGKILL)
             await server.wait()
     finally:
@@ -273,7 +237,7 @@ async def test_a_live_session_is_not_ended_by_the_sweeper(client, db, redis, fak
 def run_cli(settings: Any, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
-        env=_env(settings),
+        env=service_env(settings),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,57 @@
+"""SIGTERM to a real server mid-answer: it finishes the answer, closes with 1001, stores and enqueues everything."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+import orjson
+
+from tests.conftest import receive, start_server
+from tests.fakes import openai_server as fake
+
+LONG_ANSWER = " ".join(f"word{i}" for i in range(30))
+
+
+async def test_sigterm_mid_answer_finishes_it_closes_with_1001_and_loses_nothing(db, redis, fake_llm, settings):
+    fake_llm.script(fake.slow(0.05, text=LONG_ANSWER))
+    server, port = await start_server(settings, SHUTDOWN_DRAIN_S="10")
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws/session/s1")
+            await receive(ws)
+            await ws.send_str(orjson.dumps({"type": "message", "text": "tell me", "client_msg_id": "m1"}).decode())
+            events = []
+            while not any(e["type"] == "response.delta" for e in events):
+                events.append(await receive(ws))
+
+            server.send_signal(signal.SIGTERM)
+            close_code = None
+            async with asyncio.timeout(15):
+                while True:
+                    msg = await ws.receive()
+                    if msg.type is aiohttp.WSMsgType.TEXT:
+                        events.append(orjson.loads(msg.data))
+                    else:
+                        close_code = msg.data if msg.type is aiohttp.WSMsgType.CLOSE else ws.close_code
+                        break
+        async with asyncio.timeout(20):
+            assert await server.wait() == 0
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+    # The answer in flight was allowed to finish, then the server said it was going away.
+    done = next(e for e in events if e["type"] == "response.done")
+    assert done["status"] == "completed"
+    assert done["text"] == LONG_ANSWER
+    assert close_code == 1001
+
+    # Everything accepted is stored, in order, and the session is ended and queued for its summary.
+    rows = await db.fetch("select id, event_type, content from session_events where session_id = 's1' order by id")
+    assert [r["event_type"] for r in rows] == ["connected", "user_message", "ai_message", "disconnected"]
+    assert rows[2]["content"] == LONG_ANSWER
+    assert await db.fetchval("select end_time from sessions where session_id = 's1'") is not None
+    assert await redis.exists(f"arq:job:summary:s1:{rows[-1]['id']}")
