@@ -59,6 +59,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _port_or_zero(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be between 0 (off) and 65535")
+    return value
+
+
 def _optional(text: str) -> str | None:
     return text.strip() or None
 
@@ -152,6 +159,7 @@ class Settings:
     summary_job_timeout_s: float = field(default=300.0, metadata=_env("SUMMARY_JOB_TIMEOUT_S", _positive_float))
     session_stale_s: float = field(default=900.0, metadata=_env("SESSION_STALE_S", _positive_float))
     presence_ttl_s: float = field(default=60.0, metadata=_env("PRESENCE_TTL_S", _positive_float))
+    worker_metrics_port: int = field(default=9191, metadata=_env("WORKER_METRICS_PORT", _port_or_zero))
     sweep_batch: int = field(default=200, metadata=_env("SWEEP_BATCH", _positive_int))
 
     # The server.

@@ -170,6 +170,7 @@ def settings(db: asyncpg.Connection, redis: Redis, fake_llm: FakeOpenAI, pg_url:
         llm_retry_after_cap_s=0.2,
         store_retry_max_s=0.5,
         shutdown_drain_s=1.0,
+        worker_metrics_port=0,
         shutdown_flush_s=5.0,
     )
 
@@ -250,6 +251,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "OPENAI_API_KEY": "test-key",
         "OPENAI_MODEL": "fake-model",
         "LOG_LEVEL": "INFO",
+        "WORKER_METRICS_PORT": "0",
     }
     env.update(extra)
     return env

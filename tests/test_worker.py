@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from arq.worker import Worker
 
 from server.jobs import SWEEP_JOB
 from server.settings import REPO_ROOT
-from tests.conftest import eventually, receive, receive_until, service_env, start_server
+from tests.conftest import eventually, free_port, receive, receive_until, service_env, start_server
 from tests.fakes import openai_server as fake
 from worker import cli
 from worker.settings import worker_options
@@ -291,3 +292,41 @@ async def test_a_long_history_is_summarised_in_chunks_then_combined(
     assert sum(c.count("User: message number") for c in chunks) == n_messages
     row = await summary_row(db, "s1")
     assert row["summary"] == fake_llm.reply_for(combine["messages"])
+
+
+async def test_the_worker_reports_its_jobs_on_metrics_and_answers_arq_check(client, db, redis, fake_llm, settings):
+    await chat_and_leave(client, "s1", "count me")
+    await eventually(lambda: queued(redis))
+    port = free_port()
+    options = worker_options(dataclasses.replace(settings, worker_metrics_port=port))
+    options.update(cron_jobs=None, handle_signals=False, poll_delay=0.05)
+    worker = Worker(**options)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def counted() -> str | None:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                        text = await resp.text()
+                        return text if 'rt_worker_jobs_total{outcome="summarised"} 1.0' in text else None
+                return None
+
+            text = await eventually(counted, timeout=10)
+        assert "rt_summary_seconds_count 1.0" in text
+
+        check = await asyncio.create_subprocess_exec(
+            os.path.join(os.path.dirname(sys.executable), "arq"),
+            "--check",
+            "worker.WorkerSettings",
+            env=service_env(settings),
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert await check.wait() == 0
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await worker.close()

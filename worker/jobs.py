@@ -17,6 +17,7 @@ from server.llm import LLM, make_llm
 from server.settings import Settings
 from server.store import MESSAGE_TYPES, Store, open_store
 
+from .metrics import WorkerMetrics
 from .summarize import summarize
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ class SummaryFailed(Exception):
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    ctx["metrics"] = metrics = WorkerMetrics()
+    if settings.worker_metrics_port:
+        await metrics.serve(host=settings.host, port=settings.worker_metrics_port)
     ctx["store"] = await open_store(settings)
     ctx["llm"] = make_llm(settings)
     log.info(
@@ -37,6 +41,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "metrics" in ctx:
+        await ctx["metrics"].close()
     if "llm" in ctx:
         await ctx["llm"].close()
     if "store" in ctx:
@@ -54,13 +60,13 @@ async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool
     try:
         state = await store.summary_state(session_id)
         if state is None:
-            return _done("unknown session", fields)
+            return _done("unknown session", fields, ctx)
         if state.last_event_id is None:
-            return _done("no events", fields)
+            return _done("no events", fields, ctx)
         if state.end_time is None and await _held(ctx["redis"], session_id):
-            return _done("session is live", fields)
+            return _done("session is live", fields, ctx)
         if state.up_to_date and not force:
-            return _done("up to date", fields)
+            return _done("up to date", fields, ctx)
         events = await store.events(session_id, types=MESSAGE_TYPES, after=0)
         summary = await summarize(llm, events, settings)
         end_time = state.end_time or state.last_event_at or datetime.now(UTC)
@@ -69,23 +75,28 @@ async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool
         )
     except (LLMError, StoreError) as e:
         _retry_or_fail(ctx, settings, fields, e)
-    fields.update(through_event_id=state.last_event_id, latency_ms=round((time.perf_counter() - started) * 1000, 1))
-    return _done("summarised" if saved else "a newer summary exists", fields)
+    elapsed = time.perf_counter() - started
+    ctx["metrics"].summary_seconds.observe(elapsed)
+    fields.update(through_event_id=state.last_event_id, latency_ms=round(elapsed * 1000, 1))
+    return _done("summarised" if saved else "a newer summary exists", fields, ctx)
 
 
 def _retry_or_fail(ctx: dict[str, Any], settings: Settings, fields: dict[str, Any], error: Exception) -> NoReturn:
     tries = int(ctx.get("job_try", 1))
     fields["error"] = str(error)
     if tries >= settings.summary_max_tries:
+        ctx["metrics"].failures.inc()
         log.error("summary failed, giving up", extra={"fields": fields})
         raise SummaryFailed(f"no summary after {tries} tries: {error}") from error
     delay = settings.summary_retry_base_s * 2 ** (tries - 1)
     fields["retry_in_s"] = delay
+    ctx["metrics"].retries.inc()
     log.warning("summary failed, will retry", extra={"fields": fields})
     raise Retry(defer=delay) from error
 
 
-def _done(outcome: str, fields: dict[str, Any]) -> dict[str, Any]:
+def _done(outcome: str, fields: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    ctx["metrics"].jobs.labels(outcome).inc()
     log.info("summary job done", extra={"fields": {**fields, "outcome": outcome}})
     return {"session_id": fields["session_id"], "outcome": outcome}
 
@@ -114,11 +125,14 @@ async def sweep_sessions(ctx: dict[str, Any]) -> dict[str, int]:
             if await _held(redis, state.session_id):
                 continue
             await store.end_session(state.session_id, end_time=state.last_event_at or datetime.now(UTC))
+            ctx["metrics"].swept.labels("ended").inc()
             ended += 1
         job = await redis.enqueue_job(
             SUMMARIZE_JOB, state.session_id, _job_id=summary_job_id(state.session_id, state.last_event_id)
         )
-        enqueued += job is not None
+        if job is not None:
+            ctx["metrics"].swept.labels("enqueued").inc()
+            enqueued += 1
     result = {"candidates": len(candidates), "ended": ended, "enqueued": enqueued}
     if candidates:
         log.info("sweep done", extra={"fields": result})
