@@ -92,7 +92,6 @@ class Connection:
         The wind-down is shielded: even when the handler is cancelled (aiohttp may, when the peer
         vanishes) the partial answer and the `disconnected` event are stored, then `on_closed` runs.
         """
-        self._started = time.monotonic()
         self._record(CONNECTED, None)
         try:
             await self._send(ready)
@@ -125,8 +124,7 @@ class Connection:
             await asyncio.gather(self._runner, return_exceptions=True)
         self._waiting.clear()
         self.session.last_event = self._record(DISCONNECTED, None, {"close_code": self._ws.close_code})
-        now = datetime.now(UTC)
-        self.session.ended_at = now
+        self.session.ended_at = datetime.now(UTC)
         if self.session.connection is self:
             self.session.connection = None
         for task in list(self._tasks):
