@@ -292,6 +292,8 @@ class Connection:
         m = self._metrics
         m.answers.labels(status).inc()
         m.tokens_streamed.inc(deltas)
+        if stats.completion_tokens:
+            m.completion_tokens.inc(stats.completion_tokens)
         if stats.retries:
             m.llm_retries.inc(stats.retries)
         if stats.first_token_s is not None:

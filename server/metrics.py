@@ -36,6 +36,9 @@ class Metrics:
             registry=r,
         )
         self.tokens_streamed = Counter("rt_deltas_streamed_total", "Delta frames sent to clients", registry=r)
+        self.completion_tokens = Counter(
+            "rt_completion_tokens_total", "Tokens the model generated, as its usage reports them", registry=r
+        )
         self.llm_errors = Counter("rt_llm_errors_total", "Failed answers, by error code", ["code"], registry=r)
         self.llm_retries = Counter(
             "rt_llm_retries_total", "Upstream requests retried before the first token", registry=r

@@ -74,6 +74,7 @@ async def test_health_readiness_and_metrics(client, make_client):
     text = await (await client.get("/metrics")).text()
     assert 'rt_answers_total{status="completed"} 1.0' in text
     assert "rt_time_to_first_token_seconds_count 1.0" in text
+    assert "rt_completion_tokens_total" in text and "rt_completion_tokens_total 0.0" not in text
 
     # Readiness names what does not answer.
     broken = await make_client(redis_url="redis://127.0.0.1:1/0")
