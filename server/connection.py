@@ -34,7 +34,7 @@ _SEND_ERRORS = (ConnectionError,)
 class _Turn:
     text: str
     client_msg_id: str | None
-    received_at: float
+    received_at: float  # time.time(), comparable with other processes' clocks on the machine
 
 
 class _ClientGone(Exception):
@@ -197,7 +197,7 @@ class Connection:
         self._messages += 1
         self._metrics.messages_accepted.inc()
 
-        self._waiting.append(_Turn(message.text, cmid, time.perf_counter()))
+        self._waiting.append(_Turn(message.text, cmid, time.time()))
         if self._runner is None:
             self._runner = asyncio.create_task(self._run_turns(), name=f"turns:{session.id}")
         self._wake.set()
@@ -224,7 +224,10 @@ class Connection:
         parts: list[str] = []
         # Written before the answer task exists, so no delta can overtake it.
         await self._send(protocol.response_started(response_id, turn.client_msg_id))
-        answer = asyncio.create_task(self._stream(response_id, messages, stats, parts), name=f"answer:{response_id}")
+        timing: dict[str, float] = {}
+        answer = asyncio.create_task(
+            self._stream(response_id, messages, stats, parts, timing), name=f"answer:{response_id}"
+        )
         self._answer = answer
         if self._closing:
             answer.cancel()
@@ -256,7 +259,7 @@ class Connection:
                 error_message="" if error is None else str(error),
             )
         )
-        elapsed = time.perf_counter() - turn.received_at
+        elapsed = time.time() - turn.received_at
         metadata: dict[str, Any] = {
             "status": status,
             "response_id": response_id,
@@ -267,6 +270,9 @@ class Connection:
             "completion_tokens": stats.completion_tokens,
             "retries": stats.retries,
             "in_reply_to": turn.client_msg_id,
+            # Wall-clock times (epoch seconds): when the message arrived and when its first delta left.
+            "received_at": round(turn.received_at, 6),
+            "first_delta_at": timing.get("first_delta_at"),
         }
         if error is not None:
             metadata["error"] = {"code": error.code, "message": str(error)}
@@ -276,17 +282,26 @@ class Connection:
         self._ack_when_stored(stored, lambda i: protocol.answer_stored(i, response_id))
         self._observe(status, error, stats, len(parts), elapsed)
 
-    async def _stream(self, response_id: str, messages: Any, stats: StreamStats, parts: list[str]) -> None:
+    async def _stream(
+        self, response_id: str, messages: Any, stats: StreamStats, parts: list[str], timing: dict[str, float]
+    ) -> None:
         send = self._ws.send_frame
         delta = protocol.response_delta
         text = WSMsgType.TEXT
         async with aclosing(self._llm.stream(messages, stats)) as pieces:
-            async for piece in pieces:
-                parts.append(piece)
-                try:
+            try:
+                # The first piece is timed (the relay's added latency is measured from it); the loop that
+                # carries the rest of the answer does nothing but append and send.
+                async for piece in pieces:
+                    parts.append(piece)
                     await send(delta(response_id, piece), text)
-                except _SEND_ERRORS as e:
-                    raise _ClientGone from e
+                    timing["first_delta_at"] = time.time()
+                    break
+                async for piece in pieces:
+                    parts.append(piece)
+                    await send(delta(response_id, piece), text)
+            except _SEND_ERRORS as e:
+                raise _ClientGone from e
 
     def _observe(self, status: str, error: LLMError | None, stats: StreamStats, deltas: int, elapsed: float) -> None:
         m = self._metrics
