@@ -55,7 +55,7 @@ descendants() {
     fi
     local -A kids=()
     for f in /proc/[0-9]*/stat; do
-        read -r line <"$f" 2>/dev/null || continue
+        { read -r line <"$f"; } 2>/dev/null || continue
         pid=${line%% *}
         rest=${line##*) } # fields after "(comm)": state ppid ...
         rest=${rest#* }

@@ -80,10 +80,11 @@ def _http_url(text: str) -> str | None:
     return text
 
 
-def _database_url(text: str) -> str:
-    text = text.strip() or DEFAULT_DATABASE_URL
-    scheme = urlsplit(text).scheme
-    if scheme not in ("postgresql", "postgres", "sqlite"):
+def _database_url(text: str) -> str | None:
+    text = text.strip()
+    if not text:
+        return None
+    if urlsplit(text).scheme not in ("postgresql", "postgres", "sqlite"):
         raise ValueError("must start with postgresql:// or sqlite:///")
     return text
 
@@ -135,7 +136,8 @@ class Settings:
     offline_token_delay_s: float = field(default=0.02, metadata=_env("OFFLINE_TOKEN_DELAY_S", _non_negative_float))
 
     # Storage and queue.
-    database_url: str = field(default=DEFAULT_DATABASE_URL, metadata=_env("DATABASE_URL", _database_url))
+    # None when DATABASE_URL is unset: Supabase is then used if configured, else the local SQLite file.
+    database_url: str | None = field(default=None, metadata=_env("DATABASE_URL", _database_url))
     supabase_url: str | None = field(default=None, metadata=_env("SUPABASE_URL", _http_url))
     supabase_service_role_key: str | None = field(default=None, metadata=_env("SUPABASE_SERVICE_ROLE_KEY", _optional))
     redis_url: str = field(default="redis://localhost:6379", metadata=_env("REDIS_URL", _redis_url))
@@ -183,6 +185,11 @@ class Settings:
     def offline(self) -> bool:
         """True when no provider is configured and the built-in demo model answers."""
         return self.openai_api_key is None and self.openai_base_url is None
+
+    @property
+    def database_url_or_default(self) -> str:
+        """DATABASE_URL, or the local SQLite file when it is unset."""
+        return self.database_url or DEFAULT_DATABASE_URL
 
     @property
     def model_name(self) -> str:

@@ -25,6 +25,7 @@ from server.app import create_app
 from server.settings import REPO_ROOT, Settings
 from server.store.migrate import migrate_postgres
 from tests.fakes.openai_server import FakeOpenAI
+from tests.supabase_env import ensure_auth_stand_in
 from worker.settings import worker_options
 
 
@@ -52,6 +53,8 @@ def redis_url() -> str:
 async def _migrated(pg_url: str) -> str:
     conn = await asyncpg.connect(pg_url)
     try:
+        # Supabase's roles and auth.uid() first, as on a Supabase project, so 003_supabase adds its policies.
+        await ensure_auth_stand_in(conn)
         await migrate_postgres(conn)
     finally:
         await conn.close()
@@ -245,7 +248,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {
         "PATH": os.environ["PATH"],
         "PYTHONPATH": str(REPO_ROOT),
-        "DATABASE_URL": settings.database_url,
+        "DATABASE_URL": settings.database_url_or_default,
         "REDIS_URL": settings.redis_url,
         "OPENAI_BASE_URL": settings.openai_base_url or "",
         "OPENAI_API_KEY": "test-key",

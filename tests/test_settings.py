@@ -15,7 +15,8 @@ def test_defaults_need_nothing_and_use_the_offline_model(tmp_path):
     settings = Settings.from_env({}, env_file=tmp_path / "missing.env")
     assert settings.offline
     assert settings.model_name == "offline-demo"
-    assert settings.database_url.startswith("sqlite:///")
+    assert settings.database_url is None
+    assert settings.database_url_or_default.startswith("sqlite:///")
     assert (settings.host, settings.port) == ("127.0.0.1", 8001)
     assert settings.redis_url == "redis://localhost:6379"
 

@@ -1,4 +1,5 @@
-"""The store, on PostgreSQL and SQLite alike: sessions, idempotent ordered events, migrations, failure mapping."""
+"""The store, on PostgreSQL, SQLite and Supabase alike: sessions, idempotent ordered events, summaries, migrations,
+failure mapping."""
 
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from server.errors import StoreError, StoreUnavailable
+from server.errors import ConfigError, StoreError, StoreUnavailable
 from server.settings import Settings
-from server.store import AI_MESSAGE, CONNECTED, USER_MESSAGE, NewEvent, Store, open_store
+from server.store import AI_MESSAGE, CONNECTED, USER_MESSAGE, NewEvent, Store, SummaryState, open_store
 from server.store.migrate import main as migrate_main
-from server.store.migrate import migrate_postgres, migrate_url
+from server.store.migrate import migrate_postgres, migrate_url, postgres_migrations, sqlite_migrations
 from server.store.postgres import PostgresStore
 from server.store.sqlite import SQLiteStore
+from server.store.supabase import SupabaseStore
+from tests.fakes.postgrest import Failure, FakePostgREST
+from tests.supabase_env import prepare_supabase_database
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -60,19 +64,56 @@ def event(session_id: str, key: str, *, type_: str = USER_MESSAGE, content: str 
     return NewEvent(session_id, type_, content if content is not None else f"text {key}", key, **kw)
 
 
-@pytest_asyncio.fixture(params=["postgres", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+@pytest_asyncio.fixture(scope="module")
+async def postgrest() -> AsyncIterator[FakePostgREST]:
+    """The PostgREST stand-in over the test database, made to look like a Supabase project's first."""
+    conn = await asyncpg.connect(pg_url())
+    try:
+        await prepare_supabase_database(conn)
+    finally:
+        await conn.close()
+    fake = FakePostgREST(pg_url())
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+async def empty_tables() -> None:
+    conn = await asyncpg.connect(pg_url())
+    try:
+        await conn.execute("truncate session_events, sessions restart identity cascade")
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture(params=["postgres", "sqlite", "supabase"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path, postgrest: FakePostgREST) -> AsyncIterator[Store]:
     """An empty store on each backend."""
     s: Store
     if request.param == "postgres":
         s = await PostgresStore.connect(pg_url())
-        conn = await asyncpg.connect(pg_url())
-        try:
-            await conn.execute("truncate session_events, sessions restart identity cascade")
-        finally:
-            await conn.close()
+        await empty_tables()
+    elif request.param == "supabase":
+        postgrest.reset()
+        s = await SupabaseStore.connect(postgrest.url, postgrest.key("service_role"))
+        await empty_tables()
     else:
         s = await SQLiteStore.connect(tmp_path / "data" / "store.db")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest_asyncio.fixture
+async def supabase(postgrest: FakePostgREST) -> AsyncIterator[SupabaseStore]:
+    """An empty Supabase store, for what only that backend does."""
+    postgrest.reset()
+    s = await SupabaseStore.connect(postgrest.url, postgrest.key("service_role"), request_timeout=0.5)
+    await empty_tables()
+    postgrest.reset()
     try:
         yield s
     finally:
@@ -315,6 +356,125 @@ async def test_ping_answers(store: Store) -> None:
     await store.ping()
 
 
+# Summaries
+
+
+async def test_summary_state_is_none_when_unknown_and_follows_the_last_event(store: Store) -> None:
+    assert await store.summary_state("nope") is None
+    await store.open_session("s1", owner_id=None, now=T0)
+    fresh = await store.summary_state("s1")
+    assert fresh == SummaryState("s1", T0, None, last_event_id=None, last_event_at=None, summarized_through=None)
+    assert fresh.up_to_date, "nothing to summarise yet"
+
+    ids = await store.append_events([event("s1", "a"), event("s1", "b", created_at=T0 + timedelta(minutes=1))])
+    state = await store.summary_state("s1")
+    assert state is not None
+    assert (state.last_event_id, state.last_event_at, state.summarized_through) == (
+        ids[1],
+        T0 + timedelta(minutes=1),
+        None,
+    )
+    assert not state.up_to_date
+
+
+async def test_save_summary_covers_events_sets_end_time_only_once_and_never_goes_back(store: Store) -> None:
+    await store.open_session("s1", owner_id=None, now=T0)
+    a, b, c = await store.append_events([event("s1", "a"), event("s1", "b"), event("s1", "c")])
+    ended = T0 + timedelta(minutes=5)
+
+    assert await store.save_summary("s1", summary="about a and b", through_event_id=b, end_time=ended)
+    record, state = await store.get_session("s1"), await store.summary_state("s1")
+    assert record is not None and state is not None
+    assert (record.summary, record.end_time, state.summarized_through) == ("about a and b", ended, b)
+
+    # A later summary replaces it, but end_time was already set and stays.
+    assert await store.save_summary(
+        "s1", summary="about all three", through_event_id=c, end_time=ended + timedelta(hours=1)
+    )
+    record, state = await store.get_session("s1"), await store.summary_state("s1")
+    assert record is not None and state is not None
+    assert (record.summary, record.end_time, state.summarized_through) == ("about all three", ended, c)
+    assert state.up_to_date
+
+    # A late job for an older state changes nothing.
+    assert not await store.save_summary("s1", summary="about a", through_event_id=a, end_time=ended)
+    record, state = await store.get_session("s1"), await store.summary_state("s1")
+    assert record is not None and state is not None
+    assert (record.summary, state.summarized_through) == ("about all three", c)
+
+    # A forced redo of the same state may replace it.
+    assert await store.save_summary("s1", summary="about all three, again", through_event_id=c, end_time=ended)
+    assert not await store.save_summary("ghost", summary="x", through_event_id=c, end_time=ended)
+    assert await store.get_session("ghost") is None
+
+
+async def test_sessions_needing_summary_are_ended_and_behind_or_stale_oldest_first(store: Store) -> None:
+    # Summaries are stamped with the wall clock, so these sessions live around now.
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    stale_before = base + timedelta(hours=1)
+
+    async def session(session_id: str, *, last_event_at: datetime | None, ended: datetime | None) -> int | None:
+        await store.open_session(session_id, owner_id=None, now=base)
+        ids = (
+            []
+            if last_event_at is None
+            else await store.append_events([event(session_id, "k", created_at=last_event_at)])
+        )
+        if ended is not None:
+            await store.end_session(session_id, end_time=ended)
+        return ids[0] if ids else None
+
+    await session("ended-unsummarised", last_event_at=base, ended=base + timedelta(minutes=30))
+    await session("stale-live", last_event_at=base + timedelta(minutes=10), ended=None)
+    await session("fresh-live", last_event_at=base + timedelta(minutes=90), ended=None)
+    await session("ended-empty", last_event_at=None, ended=base + timedelta(minutes=15))
+    covered = await session("ended-summarised", last_event_at=base, ended=base + timedelta(minutes=20))
+    assert covered is not None
+    await store.save_summary("ended-summarised", summary="done", through_event_id=covered, end_time=base)
+    # Summarised when it first ended, then resumed: its summary no longer covers its last event.
+    first = await session("resumed", last_event_at=base, ended=base + timedelta(minutes=5))
+    assert first is not None
+    await store.save_summary("resumed", summary="the start", through_event_id=first, end_time=base)
+    await store.open_session("resumed", owner_id=None, now=base)
+    (latest,) = await store.append_events([event("resumed", "k2", created_at=base + timedelta(minutes=1))])
+    await store.end_session("resumed", end_time=datetime.now(UTC) + timedelta(minutes=1))
+
+    due = await store.sessions_needing_summary(stale_before=stale_before, limit=10)
+    assert [s.session_id for s in due] == ["stale-live", "ended-unsummarised", "resumed"]
+    resumed = due[2]
+    assert (resumed.last_event_id, resumed.summarized_through, resumed.up_to_date) == (latest, first, False)
+    assert [s.session_id for s in await store.sessions_needing_summary(stale_before=stale_before, limit=2)] == [
+        "stale-live",
+        "ended-unsummarised",
+    ]
+
+
+async def test_ended_sessions_by_start_time_window_oldest_first(store: Store) -> None:
+    for session_id, started, ends in [
+        ("c", T0 + timedelta(hours=2), True),
+        ("a", T0, True),
+        ("b", T0 + timedelta(hours=1), True),
+        ("live", T0 + timedelta(hours=1), False),
+    ]:
+        await store.open_session(session_id, owner_id=None, now=started)
+        if ends:
+            await store.end_session(session_id, end_time=started + timedelta(minutes=5))
+    (last,) = await store.append_events([event("b", "k", created_at=T0 + timedelta(hours=1, minutes=1))])
+
+    async def ended(**window: Any) -> list[str]:
+        return [s.session_id for s in await store.ended_sessions(**window)]
+
+    assert await ended(limit=10) == ["a", "b", "c"]
+    assert await ended(started_after=T0 + timedelta(hours=1), limit=10) == ["b", "c"]
+    assert await ended(started_before=T0 + timedelta(hours=2), limit=10) == ["a", "b"]
+    assert await ended(started_after=T0 + timedelta(hours=1), started_before=T0 + timedelta(hours=2), limit=10) == ["b"]
+    assert await ended(limit=1) == ["a"]
+
+    b = (await store.ended_sessions(started_after=T0 + timedelta(hours=1), limit=1))[0]
+    assert (b.start_time, b.end_time) == (T0 + timedelta(hours=1), T0 + timedelta(hours=1, minutes=5))
+    assert (b.last_event_id, b.last_event_at, b.summarized_through) == (last, T0 + timedelta(hours=1, minutes=1), None)
+
+
 # Picking a backend
 
 
@@ -339,11 +499,38 @@ async def test_open_store_picks_the_backend_from_the_url(tmp_path: Path, monkeyp
         await postgres.close()
 
 
+async def test_open_store_picks_supabase_when_only_its_settings_are_set(postgrest: FakePostgREST) -> None:
+    supabase: dict[str, Any] = {
+        "supabase_url": postgrest.url,
+        "supabase_service_role_key": postgrest.key("service_role"),
+    }
+    chosen = await open_store(Settings(**supabase))
+    try:
+        assert chosen.name == "supabase"
+        await chosen.ping()
+    finally:
+        await chosen.close()
+
+    # DATABASE_URL, when set, wins: moving between backends is a matter of configuration.
+    postgres = await open_store(Settings(database_url=pg_url(), **supabase))
+    try:
+        assert postgres.name == "postgres"
+    finally:
+        await postgres.close()
+
+    with pytest.raises(ConfigError, match="SUPABASE_SERVICE_ROLE_KEY"):
+        await open_store(Settings(supabase_url=postgrest.url))
+
+
 # Migrations
 
 
+def migration_names(url: str) -> list[str]:
+    return [p.name for p in (sqlite_migrations() if url.startswith("sqlite:") else postgres_migrations())]
+
+
 async def test_migrating_twice_applies_nothing_the_second_time(empty_db: str) -> None:
-    assert await migrate_url(empty_db) == ["001_init.sql"]
+    assert await migrate_url(empty_db) == migration_names(empty_db)
     assert await migrate_url(empty_db) == []
     assert await tables(empty_db) == {"schema_migrations", "sessions", "session_events"}
 
@@ -375,7 +562,7 @@ async def test_a_failed_migration_leaves_nothing_behind_and_runs_again_once_fixe
 
 async def test_processes_migrating_at_once_apply_each_migration_once(pg_schema: str) -> None:
     results = await asyncio.gather(*(migrate_postgres(pg_schema) for _ in range(4)))
-    assert sorted(results) == [[], [], [], ["001_init.sql"]]
+    assert sorted(results) == [[], [], [], migration_names(pg_schema)]
 
 
 async def test_init_upgrades_the_seed_tables_in_place_and_keeps_their_rows(pg_schema: str) -> None:
@@ -386,7 +573,7 @@ async def test_init_upgrades_the_seed_tables_in_place_and_keeps_their_rows(pg_sc
         await conn.execute(
             "insert into session_events (session_id, event_type, content) values ('legacy', 'user_message', 'hi')"
         )
-        assert await migrate_postgres(conn) == ["001_init.sql"]
+        assert await migrate_postgres(conn) == migration_names(pg_schema)
     finally:
         await conn.close()
 
@@ -409,7 +596,7 @@ def test_migrate_command_prints_what_it_applied_then_up_to_date(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'cli' / 'app.db'}"
     assert migrate_main([url]) == 0
-    assert capsys.readouterr().out == "applied 001_init.sql\n"
+    assert capsys.readouterr().out == "".join(f"applied {name}\n" for name in migration_names(url))
     assert migrate_main([url]) == 0
     assert capsys.readouterr().out == "up to date\n"
 
@@ -479,3 +666,92 @@ async def test_the_pool_recovers_when_the_server_drops_its_connections() -> None
     finally:
         await admin.close()
         await store.close()
+
+
+# Supabase: requests, failures and what errors say
+
+
+async def test_a_batch_of_events_is_one_request_and_reads_page_past_the_row_cap(postgrest: FakePostgREST) -> None:
+    await empty_tables()
+    # A cap of 2 rows per read, as a project whose Max Rows is 2 would have.
+    store = await SupabaseStore.connect(postgrest.url, postgrest.key("service_role"), page_size=2)
+    try:
+        await store.open_session("s1", owner_id=None, now=T0)
+        postgrest.reset()
+        ids = await store.append_events([event("s1", f"k{i}") for i in range(5)])
+        assert postgrest.requests == [("POST", "/rest/v1/rpc/chat_append_events")]
+
+        assert [e.id for e in await store.events("s1")] == ids
+        assert [e.id for e in await store.events("s1", after=ids[0])] == ids[1:]
+        assert [e.id for e in await store.events("s1", limit=3)] == ids[2:]
+        assert [e.id for e in await store.events("s1", limit=5)] == ids
+    finally:
+        await store.close()
+
+
+async def test_an_unavailable_project_is_store_unavailable_and_the_next_call_works(
+    supabase: SupabaseStore, postgrest: FakePostgREST
+) -> None:
+    await supabase.open_session("s1", owner_id=None, now=T0)
+    postgrest.fail_next(Failure(status=503), Failure(status=504), Failure(status=500))
+    for call in (supabase.ping(), supabase.events("s1"), supabase.append_events([event("s1", "k")])):
+        with pytest.raises(StoreUnavailable, match="HTTP 50"):
+            await call
+    assert await supabase.events("s1") == []
+    await supabase.append_events([event("s1", "k")])
+    assert len(await supabase.events("s1")) == 1
+
+
+async def test_a_write_whose_answer_is_lost_is_retried_without_storing_twice(
+    supabase: SupabaseStore, postgrest: FakePostgREST
+) -> None:
+    await supabase.open_session("s1", owner_id=None, now=T0)
+    batch = [event("s1", "a", client_msg_id="m-a"), event("s1", "b")]
+    # The database commits, then the connection drops before the answer: the caller cannot know.
+    postgrest.fail_next(Failure(drop=True, after_commit=True))
+    with pytest.raises(StoreUnavailable):
+        await supabase.append_events(batch)
+
+    ids = await supabase.append_events(batch)
+    assert [e.id for e in await supabase.events("s1")] == ids
+    assert [e.content for e in await supabase.events("s1")] == ["text a", "text b"]
+
+
+async def test_a_project_that_does_not_answer_is_store_unavailable_within_the_timeout(
+    supabase: SupabaseStore, postgrest: FakePostgREST
+) -> None:
+    postgrest.fail_next(Failure(status=None, delay=1.0))
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="ReadTimeout"):
+        await supabase.ping()  # the fixture's store waits 0.5 s for an answer
+    assert time.monotonic() - started < 1.0
+
+
+async def test_an_unreachable_project_is_store_unavailable_at_connect() -> None:
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await SupabaseStore.connect(f"http://127.0.0.1:{closed_port()}", "key", connect_timeout=1.0)
+    assert time.monotonic() - started < 1.5
+
+
+async def test_a_key_that_is_not_the_service_role_key_is_refused_at_connect(postgrest: FakePostgREST) -> None:
+    with pytest.raises(StoreError) as anon:
+        await SupabaseStore.connect(postgrest.url, postgrest.key("anon"))
+    assert not isinstance(anon.value, StoreUnavailable)
+    assert "42501" in str(anon.value)  # permission denied for the functions
+
+    with pytest.raises(StoreError) as forged:
+        await SupabaseStore.connect(postgrest.url, "not-a-key")
+    assert not isinstance(forged.value, StoreUnavailable)
+    assert "Invalid API key" in str(forged.value)
+
+
+async def test_a_refusal_names_the_postgrest_code_but_no_row_values_or_keys(supabase: SupabaseStore) -> None:
+    await supabase.open_session("s1", owner_id=None, now=T0)
+    await supabase.append_events([event("s1", "key-one", client_msg_id="secret-msg-id", content="private words")])
+    with pytest.raises(StoreError) as refused:
+        await supabase.append_events([event("s1", "key-two", client_msg_id="secret-msg-id", content="private words")])
+    text = str(refused.value)
+    assert "23505" in text and "session_events_session_id_client_msg_id_key" in text
+    for secret in ("secret-msg-id", "private words", "key-two", "s1"):
+        assert secret not in text

@@ -38,12 +38,24 @@ async def open_store(settings: Settings) -> Store:
     """Connect to the database named by `settings.database_url`, applying pending migrations.
 
     `postgresql://` or `postgres://`: PostgresStore. `sqlite:///relative/path` (from the current directory)
-    or `sqlite:////absolute/path`: SQLiteStore. Raises StoreUnavailable when the database cannot be reached.
+    or `sqlite:////absolute/path`: SQLiteStore. With DATABASE_URL unset and both SUPABASE_URL and
+    SUPABASE_SERVICE_ROLE_KEY set: SupabaseStore, which migrates nothing (see the README). Raises
+    StoreUnavailable when the database cannot be reached.
     """
     # Imported here so that importing the interface does not load a database driver.
     from .migrate import sqlite_path
 
-    url = settings.database_url
+    if settings.database_url is None and (settings.supabase_url or settings.supabase_service_role_key):
+        if not (settings.supabase_url and settings.supabase_service_role_key):
+            raise ConfigError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY must be set together")
+        from .supabase import SupabaseStore
+
+        return await SupabaseStore.connect(
+            settings.supabase_url,
+            settings.supabase_service_role_key,
+            connect_timeout=settings.store_connect_timeout_s,
+        )
+    url = settings.database_url_or_default
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 

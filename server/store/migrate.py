@@ -150,7 +150,7 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m server migrate [DATABASE_URL]", file=sys.stderr)
         return 2
     try:
-        url = argv[0] if argv else Settings.from_env().database_url
+        url = argv[0] if argv else Settings.from_env().database_url_or_default
         applied = asyncio.run(migrate_url(url))
     except (AppError, ValueError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error) as e:
         print(f"migration failed: {type(e).__name__}: {e}", file=sys.stderr)
