@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 section = printf '\n==> %s\n' '$(1)'
 
-.PHONY: help venv test lint fmt run clean
+.PHONY: help venv test lint fmt run bench clean
 
 help: ## list the targets
 	@echo "usage: make TARGET"
@@ -40,6 +40,9 @@ fmt: venv ## format the code and apply ruff's safe fixes
 
 run: venv ## run the service here (and Redis and the worker); Ctrl-C stops it all
 	@bash scripts/run.sh
+
+bench: venv ## benchmark the relay against a private PostgreSQL and Redis (BENCH_ARGS='--idle 0' to skip parts)
+	@bash scripts/with-services.sh $(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: ## remove .venv, caches and data/
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache data build test-artifacts *.egg-info

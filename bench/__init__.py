@@ -1,0 +1,1 @@
+"""Benchmarks of the realtime relay: `make bench` (or `python -m bench`) prints the table."""

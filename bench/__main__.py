@@ -1,0 +1,5 @@
+"""`python -m bench`: see bench/run.py."""
+
+from .run import run
+
+run()

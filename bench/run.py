@@ -1,0 +1,343 @@
+"""Drives the real server (a `python -m server` process, its database and Redis) with many WebSocket clients.
+
+The upstream model is bench/upstream.py in a process of its own, streaming at a chosen pace. Every figure is
+printed beside the floor: a client reading the same upstream stream directly, with nothing in between.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _wait_http(url: str, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url) as resp:
+                    if resp.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer")
+            await asyncio.sleep(0.1)
+
+
+@dataclass
+class Stack:
+    """The processes under test, and how to reach them."""
+
+    server: asyncio.subprocess.Process
+    upstream: asyncio.subprocess.Process
+    server_url: str
+    upstream_url: str
+    database_url: str
+    http: aiohttp.ClientSession = field(
+        default_factory=lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    )
+
+    async def pace(self, *, tokens: int, ttft_s: float, gap_s: float) -> None:
+        await self.http.post(f"{self.upstream_url}/pace", json={"tokens": tokens, "ttft_s": ttft_s, "gap_s": gap_s})
+
+    async def upstream_timings(self) -> dict[str, list[float]]:
+        async with self.http.get(f"{self.upstream_url}/timings") as resp:
+            return orjson.loads(await resp.read())  # type: ignore[no-any-return]
+
+
+async def start_stack(database_url: str, redis_url: str) -> Stack:
+    python = sys.executable
+    up_port, server_port = _free_port(), _free_port()
+    upstream = await asyncio.create_subprocess_exec(
+        python, "-m", "bench.upstream", "--port", str(up_port), cwd=REPO, stderr=asyncio.subprocess.DEVNULL
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        "PORT": str(server_port),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+        "OPENAI_MODEL": "bench",
+        "LOG_LEVEL": "WARNING",
+        "MESSAGES_PER_MINUTE": "100000",
+        "HISTORY_LIMIT": "50",
+    }
+    server = await asyncio.create_subprocess_exec(python, "-m", "server", env=env, cwd=REPO)
+    stack = Stack(server, upstream, f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{up_port}", database_url)
+    await _wait_http(f"{stack.upstream_url}/timings")
+    await _wait_http(f"{stack.server_url}/healthz")
+    return stack
+
+
+async def stop_stack(stack: Stack) -> None:
+    await stack.http.close()
+    for proc in (stack.server, stack.upstream):
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
+# The floor: nothing between the client and the upstream.
+
+
+async def floor(stack: Stack, *, streams: int) -> dict[str, float]:
+    ttfts: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+
+    async def one(i: int) -> None:
+        nonlocal tokens
+        body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": f"floor-{i}"}]}
+        sent = time.perf_counter()
+        first = None
+        async with stack.http.post(f"{stack.upstream_url}/v1/chat/completions", json=body) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    event = orjson.loads(line[6:])
+                    if event["choices"] and event["choices"][0]["delta"].get("content"):
+                        tokens += 1
+                        if first is None:
+                            first = time.perf_counter() - sent
+        ttfts.append(first or 0.0)
+
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    elapsed = time.perf_counter() - started
+    timings = await stack.upstream_timings()
+    own = [b - a for key, (a, b) in timings.items() if key.startswith("floor-")]
+    overhead = [t - o for t, o in zip(sorted(ttfts), sorted(own), strict=False)]
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "ttft_overhead_p50": _pct(overhead, 50),
+        "ttft_overhead_p99": _pct(overhead, 99),
+    }
+
+
+# Through the server.
+
+
+@dataclass
+class Turn:
+    sent: float = 0.0
+    first_delta: float | None = None
+    stored: float | None = None
+    done: float | None = None
+    tokens: int = 0
+
+
+async def _open(stack: Stack, session_id: str) -> aiohttp.ClientWebSocketResponse:
+    ws = await stack.http.ws_connect(f"{stack.server_url}/ws/session/{session_id}", max_msg_size=0)
+    ready = orjson.loads((await ws.receive()).data)
+    assert ready["type"] == "session.ready", ready
+    return ws
+
+
+async def _converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn) -> None:
+    turn.sent = time.time()
+    await ws.send_str(orjson.dumps({"type": "message", "text": marker, "client_msg_id": marker}).decode())
+    while turn.done is None or turn.stored is None:
+        msg = await ws.receive()
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            raise RuntimeError(f"socket closed: {msg}")
+        event = orjson.loads(msg.data)
+        kind = event["type"]
+        if kind == "response.delta":
+            turn.tokens += event["delta"].count(" ")
+            if turn.first_delta is None:
+                turn.first_delta = time.time()
+        elif kind == "response.done":
+            turn.done = time.time()
+        elif kind == "message.stored" and event["role"] == "user":
+            turn.stored = time.time()
+
+
+async def relay(stack: Stack, *, sessions: int, label: str) -> dict[str, Any]:
+    """Each of `sessions` concurrent sessions sends one message and reads the whole answer."""
+    sockets = await asyncio.gather(*(_open(stack, f"{label}-{i}") for i in range(sessions)))
+    turns = [Turn() for _ in range(sessions)]
+    cpu0 = _proc_cpu_s(stack.server.pid)
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(_converse(ws, f"{label}-{i}", t) for i, (ws, t) in enumerate(zip(sockets, turns, strict=True)))
+    )
+    elapsed = time.perf_counter() - started
+    cpu = _proc_cpu_s(stack.server.pid) - cpu0
+    await asyncio.gather(*(ws.close() for ws in sockets))
+
+    upstream = await stack.upstream_timings()
+    server_side = await _server_timings(stack, label)
+    client_added, server_added, lags = [], [], []
+    for i, turn in enumerate(turns):
+        marker = f"{label}-{i}"
+        if marker not in upstream or turn.first_delta is None:
+            continue
+        arrived, first_chunk = upstream[marker]
+        own = first_chunk - arrived
+        client_added.append(turn.first_delta - turn.sent - own)
+        if marker in server_side:
+            received_at, first_delta_at = server_side[marker]
+            server_added.append(first_delta_at - received_at - own)
+        if turn.stored is not None:
+            lags.append(turn.stored - turn.sent)
+    tokens = sum(t.tokens for t in turns)
+    return {
+        "sessions": sessions,
+        "server_added_p50": _pct(server_added, 50),
+        "server_added_p99": _pct(server_added, 99),
+        "client_added_p50": _pct(client_added, 50),
+        "client_added_p99": _pct(client_added, 99),
+        "stored_lag_p50": _pct(lags, 50),
+        "stored_lag_p99": _pct(lags, 99),
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "cpu_us_per_token": cpu / max(tokens, 1) * 1e6,
+        "events_per_s": 2 * sessions / elapsed,
+    }
+
+
+async def _server_timings(stack: Stack, label: str) -> dict[str, tuple[float, float]]:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        rows = await conn.fetch(
+            "select metadata->>'in_reply_to' as marker, (metadata->>'received_at')::float8 as received_at,"
+            " (metadata->>'first_delta_at')::float8 as first_delta_at from session_events"
+            " where event_type = 'ai_message' and session_id like $1",
+            f"{label}-%",
+        )
+    finally:
+        await conn.close()
+    return {r["marker"]: (r["received_at"], r["first_delta_at"]) for r in rows if r["first_delta_at"]}
+
+
+async def idle(stack: Stack, *, connections: int) -> dict[str, Any]:
+    """Open `connections` sessions and leave them idle; what does each cost the server, and does it hold them?"""
+    rss0 = _proc_rss_kib(stack.server.pid)
+    sockets: list[aiohttp.ClientWebSocketResponse] = []
+    for start in range(0, connections, 200):
+        batch = range(start, min(connections, start + 200))
+        sockets += await asyncio.gather(*(_open(stack, f"idle-{i}") for i in batch))
+    await asyncio.sleep(1)
+    rss1 = _proc_rss_kib(stack.server.pid)
+    # Held: a ping on a sample of the sockets still gets its pong.
+    sample = sockets[:: max(1, len(sockets) // 50)]
+    for ws in sample:
+        await ws.send_str('{"type":"ping"}')
+    pongs = 0
+    for ws in sample:
+        msg = await ws.receive(timeout=10)
+        pongs += msg.type is aiohttp.WSMsgType.TEXT and orjson.loads(msg.data)["type"] == "pong"
+    for start in range(0, len(sockets), 500):
+        await asyncio.gather(*(ws.close() for ws in sockets[start : start + 500]))
+    return {"connections": connections, "kib_per_connection": (rss1 - rss0) / connections, "held": pongs == len(sample)}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+async def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--sessions", default="1,100,1000", help="concurrency levels for the latency runs")
+    parser.add_argument("--tokens", type=int, default=50, help="tokens per answer in the latency runs")
+    parser.add_argument("--gap-ms", type=float, default=20, help="upstream pace between tokens")
+    parser.add_argument("--ttft-ms", type=float, default=100, help="upstream time to first token")
+    parser.add_argument("--throughput-sessions", type=int, default=200)
+    parser.add_argument("--throughput-tokens", type=int, default=500)
+    parser.add_argument("--idle", type=int, default=10_000, help="idle connections for the memory run")
+    args = parser.parse_args(argv)
+    database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
+    redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    stack = await start_stack(database_url, redis_url)
+    try:
+        print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, server pid {stack.server.pid}")
+        await stack.pace(tokens=args.tokens, ttft_s=args.ttft_ms / 1000, gap_s=args.gap_ms / 1000)
+        base = await floor(stack, streams=1)
+        print(f"\nfloor (direct to upstream): time-to-first-token overhead p50 {_ms(base['ttft_overhead_p50'])}")
+        print("\nadded latency (first delta out minus the upstream's own time to first token)")
+        print(
+            f"{'sessions':>9} {'server p50':>12} {'server p99':>12} {'client p50':>12} {'client p99':>12}"
+            f" {'stored p50':>12} {'stored p99':>12}"
+        )
+        for run_no, level in enumerate(int(x) for x in args.sessions.split(",") if x):
+            r = await relay(stack, sessions=level, label=f"lat{run_no}x{level}")
+            print(
+                f"{level:>9} {_ms(r['server_added_p50']):>12} {_ms(r['server_added_p99']):>12}"
+                f" {_ms(r['client_added_p50']):>12} {_ms(r['client_added_p99']):>12}"
+                f" {_ms(r['stored_lag_p50']):>12} {_ms(r['stored_lag_p99']):>12}"
+            )
+
+        await stack.pace(tokens=args.throughput_tokens, ttft_s=0, gap_s=0)
+        direct = await floor(stack, streams=args.throughput_sessions)
+        r = await relay(stack, sessions=args.throughput_sessions, label="tput")
+        print(
+            f"\nrelay throughput at saturation ({args.throughput_sessions} sessions x {args.throughput_tokens} tokens)"
+        )
+        print(
+            f"  through the server: {r['tokens_per_s']:,.0f} tokens/s,"
+            f" {r['cpu_us_per_token']:.1f} µs server CPU per token"
+        )
+        print(
+            f"  floor (direct):     {direct['tokens_per_s']:,.0f} tokens/s"
+            f"  -> ratio {r['tokens_per_s'] / direct['tokens_per_s']:.2f}"
+        )
+        print(
+            f"  store: {r['events_per_s']:,.0f} events/s, message-to-stored lag p50 {_ms(r['stored_lag_p50'])},"
+            f" p99 {_ms(r['stored_lag_p99'])}"
+        )
+
+        if args.idle:
+            m = await idle(stack, connections=args.idle)
+            print(
+                f"\nidle connections: {m['connections']:,} open, {m['kib_per_connection']:.1f} KiB each,"
+                f" {'all held' if m['held'] else 'NOT all held'}"
+            )
+    finally:
+        await stop_stack(stack)
+    return 0
+
+
+def run() -> None:
+    sys.exit(asyncio.run(main(sys.argv[1:])))

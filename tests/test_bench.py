@@ -1,0 +1,42 @@
+"""The benchmark runs end to end at a tiny size, so it cannot rot (no timing is asserted here)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from server.settings import REPO_ROOT
+
+
+async def test_the_bench_runs_and_prints_its_table(db, settings):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench",
+        "--sessions",
+        "1,3",
+        "--tokens",
+        "5",
+        "--gap-ms",
+        "1",
+        "--ttft-ms",
+        "5",
+        "--throughput-sessions",
+        "3",
+        "--throughput-tokens",
+        "20",
+        "--idle",
+        "20",
+        env={**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url},
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(120):
+        out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "added latency" in text
+    assert "relay throughput at saturation" in text
+    assert "idle connections: 20 open" in text and "all held" in text
