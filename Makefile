@@ -29,6 +29,7 @@ lint: venv ## ruff format --check, ruff check, mypy
 
 test: lint ## lint, then pytest against a private PostgreSQL and Redis started for the run
 	@bash scripts/ensure-docker-compose.sh
+	@bash scripts/ensure-chromium.sh
 	@$(call section,pytest (private PostgreSQL and Redis))
 	@rc=0; bash scripts/with-services.sh $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [[ $$rc -eq 5 ]]; then echo "make test: pytest collected no tests; that counts as a failure" >&2; fi; \

@@ -161,6 +161,14 @@ class Hub:
                 task.cancel()
             log.info("answers drained", extra={"fields": {"connections": len(connections), "cut_short": len(late)}})
 
+    async def flush(self, *, within_s: float) -> None:
+        """Shutdown, before the sockets close: let pending writes land, so their `message.stored` still goes out."""
+        writers = [s.writer.drain() for s in self._sessions.values() if s.writer.pending]
+        if writers:
+            await asyncio.wait([asyncio.ensure_future(w) for w in writers], timeout=within_s)
+        # One turn of the loop for the acknowledgements the commits scheduled.
+        await asyncio.sleep(0)
+
     async def close(self, *, within_s: float) -> None:
         """Process shutdown: give pending writes `within_s` to land, then give up on the rest, loudly."""
         if self._endings:

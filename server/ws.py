@@ -81,9 +81,11 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
 
 
 async def close_sockets(app: web.Application) -> None:
-    """on_shutdown (the listener is already closed): let answers in flight finish, up to SHUTDOWN_DRAIN_S, then
-    tell every client the server is going away (1001), so they reconnect elsewhere."""
-    await app[HUB].finish_answers(within_s=app[SETTINGS].shutdown_drain_s)
+    """on_shutdown (the listener is already closed): let answers in flight finish (SHUTDOWN_DRAIN_S) and their
+    writes land (SHUTDOWN_FLUSH_S), then tell every client the server is going away (1001) so it reconnects."""
+    hub, settings = app[HUB], app[SETTINGS]
+    await hub.finish_answers(within_s=settings.shutdown_drain_s)
+    await hub.flush(within_s=settings.shutdown_flush_s)
     open_now = app[SOCKETS]
     sockets = [*open_now]
     closing = (ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets)

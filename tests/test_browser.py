@@ -1,0 +1,385 @@
+"""The page in a real browser: Debian's Chromium driven by Playwright, against a real server, worker and database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from arq.worker import Worker
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+
+from server.settings import REPO_ROOT, Settings
+from tests.conftest import eventually, free_port, service_env
+from tests.fakes import openai_server as fake
+from worker.settings import worker_options
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+STORY = "Lisbon in spring: walk Alfama early, take tram 28, then eat pastéis de nata in Belém. " * 2
+HTML_ANSWER = 'Plain text only: <b>not bold</b> and <img src="x" onerror="document.title=1"> stay as typed.'
+
+expect.set_options(timeout=10_000)
+
+
+# The browser and the page.
+
+
+@pytest_asyncio.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One Chromium for the module; `launch` gives it a fresh, throwaway profile."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"{CHROMIUM} not found: `make test` installs it (scripts/ensure-chromium.sh), or: apt-get install chromium",
+            pytrace=False,
+        )
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest_asyncio.fixture
+async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Page]:
+    """A fresh page; when the test fails, a screenshot in test-artifacts/ and the page's console in the report."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    console: list[str] = []
+    page.on("console", lambda m: console.append(f"console.{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"uncaught: {e}"))
+    # pytest counts a failed test body before its fixtures are torn down: no hook needed to know.
+    failures_before = request.session.testsfailed
+    try:
+        yield page
+        if request.session.testsfailed > failures_before:
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / f"{request.node.name}.png"
+            await page.screenshot(path=shot, full_page=True)
+            print(f"screenshot: {shot}", *console, sep="\n")
+    finally:
+        await context.close()
+    assert not [line for line in console if line.startswith("uncaught")], console
+
+
+# The services behind it.
+
+
+class Server:
+    """A real `python -m server`, kept on one port across restarts: the page reconnects to where it was."""
+
+    def __init__(self, settings: Settings, log: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self._settings = settings
+        self._log = log
+        self._env = env
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self._log.open("ab") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "server",
+                env=service_env(self._settings, PORT=str(self.port), **self._env),
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=log,
+            )
+        await eventually(self._up, timeout=20)
+
+    async def _up(self) -> bool:
+        assert self._proc is not None and self._proc.returncode is None, f"the server exited; see {self._log}"
+        with contextlib.suppress(aiohttp.ClientError):
+            async with aiohttp.ClientSession() as http, http.get(f"{self.url}healthz") as resp:
+                return resp.status == 200
+        return False
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def restart(self, sig: signal.Signals) -> None:
+        await self.stop(sig)
+        await self.start()
+
+
+@pytest_asyncio.fixture
+async def serve(
+    settings: Settings, fake_llm: fake.FakeOpenAI, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    """Start a real server against the test services; keyword arguments are extra environment variables."""
+    servers: list[Server] = []
+    log = tmp_path / "server.log"
+    failures_before = request.session.testsfailed
+
+    async def start(**env: str) -> Server:
+        server = Server(settings, log, {"SHUTDOWN_DRAIN_S": "10", **env})
+        servers.append(server)
+        await server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            await server.stop()
+        if request.session.testsfailed > failures_before and log.exists():
+            print("server log:", *log.read_text(errors="replace").splitlines()[-40:], sep="\n")
+
+
+@pytest_asyncio.fixture
+async def worker(settings: Settings) -> AsyncIterator[Worker]:
+    """The real arq worker, running beside the test as it would beside the server."""
+    options = worker_options(settings)
+    options.update(cron_jobs=None, handle_signals=False, poll_delay=0.05)
+    worker = Worker(**options)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await worker.close()
+
+
+# What the user looks at.
+
+
+def status(page: Page) -> Locator:
+    return page.get_by_role("status")
+
+
+def button(page: Page, name: str) -> Locator:
+    return page.get_by_role("button", name=name, exact=True)
+
+
+def message_box(page: Page) -> Locator:
+    return page.get_by_label("Message", exact=True)
+
+
+def said(page: Page) -> Locator:
+    """The text of every message in the conversation, in order."""
+    return page.locator("#log .msg .text")
+
+
+async def connect(page: Page, server: Server) -> str:
+    await page.goto(server.url)
+    session_id = await page.get_by_label("Session id", exact=True).input_value()
+    await button(page, "Connect").click()
+    await expect(status(page)).to_contain_text("Connected")
+    return session_id
+
+
+async def send(page: Page, text: str) -> Locator:
+    """Type a message, press Enter, and return the answer to it once the server has stored it."""
+    answers = page.locator("#log .msg.assistant")
+    answer = answers.nth(await answers.count())
+    box = message_box(page)
+    await box.fill(text)
+    await box.press("Enter")
+    await expect(page.locator("#log .msg.user").last).to_contain_text(text)
+    await expect(answer).to_have_attribute("data-id", re.compile(r"\d+"))
+    return answer
+
+
+async def streaming_text(page: Page) -> str:
+    """Wait until the newest answer shows some text while it is still streaming, and return that text."""
+    handle = await page.wait_for_function(
+        """() => {
+            const answer = document.querySelector("#log .msg.assistant.streaming .text");
+            return answer && answer.textContent.length > 0 && answer.textContent;
+        }"""
+    )
+    return str(await handle.json_value())
+
+
+# The stories.
+
+
+async def test_a_message_sent_with_enter_streams_in_as_plain_text(page: Page, serve: Any, fake_llm: Any) -> None:
+    fake_llm.script(fake.slow(0.08, text=HTML_ANSWER))
+    server = await serve()
+    await page.goto(server.url)
+    await expect(status(page)).to_have_text("Disconnected")
+    assert re.fullmatch(r"[A-Za-z0-9._:-]+", await page.get_by_label("Session id", exact=True).input_value())
+
+    await button(page, "Connect").click()
+    await expect(status(page)).to_contain_text("Connected · model fake-model")
+    box = message_box(page)
+    await expect(box).to_be_focused()
+    await box.fill("Show me some HTML")
+    await box.press("Enter")
+
+    # The answer shows up word by word, with a Stop button, while the status line says it is answering.
+    await expect(said(page).first).to_have_text("Show me some HTML")
+    partial = await streaming_text(page)
+    assert HTML_ANSWER.startswith(partial) and len(partial) < len(HTML_ANSWER)
+    await expect(status(page)).to_contain_text("Answering")
+    await expect(button(page, "Stop")).to_be_visible()
+
+    # Then all of it, as the text the model wrote: its tags are shown, not obeyed.
+    answer = page.locator("#log .msg.assistant")
+    await expect(answer.locator(".text")).to_have_text(HTML_ANSWER)
+    await expect(answer.locator("b, img")).to_have_count(0)
+    await expect(answer.locator(".meta")).to_contain_text("saved #")
+    await expect(button(page, "Stop")).to_be_hidden()
+    await expect(status(page)).to_contain_text("Connected")
+
+
+async def test_stop_cuts_an_answer_short_and_a_failed_answer_says_so(page: Page, serve: Any, fake_llm: Any) -> None:
+    fake_llm.script(fake.slow(0.15, text=STORY), fake.server_error(503))
+    server = await serve(LLM_MAX_RETRIES="0")
+    await connect(page, server)
+    box = message_box(page)
+    await box.fill("Plan my Lisbon trip")
+    await box.press("Enter")
+    await streaming_text(page)
+
+    await button(page, "Stop").click()
+    first = page.locator("#log .msg.assistant").first
+    await expect(first.locator(".meta")).to_contain_text(re.compile(r"stopped · .* · saved #\d+"))
+    stopped_at = await first.locator(".text").text_content()
+    assert stopped_at and STORY.startswith(stopped_at) and len(stopped_at) < len(STORY)
+    await expect(box).to_be_focused()
+
+    failed = await send(page, "Are you still there?")
+    await expect(failed).to_have_class(re.compile(r"\bfailed\b"))
+    await expect(failed.locator(".meta")).to_contain_text("failed:")
+    await expect(failed.locator(".meta")).to_contain_text("llm_unavailable")
+    await expect(failed.locator(".text")).to_have_text(re.compile("can't answer right now"))
+    await expect(status(page)).to_contain_text("Connected")
+
+
+async def test_after_disconnect_the_summary_appears_and_past_sessions_open(
+    page: Page, serve: Any, worker: Any, db: Any
+) -> None:
+    server = await serve()
+    session_id = await connect(page, server)
+    await send(page, "I want to plan a trip to Lisbon.")
+
+    await button(page, "Disconnect").click()
+    await expect(status(page)).to_have_text("Disconnected")
+    summary = page.get_by_role("region", name="Summary")
+    await expect(summary).to_contain_text("Waiting for the worker")
+
+    async def written() -> Any:
+        return await db.fetchval("select summary from sessions where session_id = $1", session_id)
+
+    stored = await eventually(written, timeout=15)
+    await expect(summary).to_contain_text(stored.strip())
+
+    # The recent sessions list this one with its summary; opening it shows the conversation.
+    listed = page.locator("#sessions li", has_text=session_id)
+    await expect(listed).to_contain_text("2 messages")
+    await expect(listed).to_contain_text(stored.strip())
+    await button(page, f"Open session {session_id}").click()
+    dialog = page.get_by_role("dialog")
+    await expect(dialog.locator(".msg .text")).to_have_text(
+        ["I want to plan a trip to Lisbon.", "You said: I want to plan a trip to Lisbon."]
+    )
+    await page.keyboard.press("Escape")
+    await expect(dialog).to_be_hidden()
+
+
+async def test_a_reload_with_the_same_id_brings_the_conversation_back_on_a_phone(page: Page, serve: Any) -> None:
+    server = await serve(OPENAI_BASE_URL="", OPENAI_API_KEY="", OFFLINE_TOKEN_DELAY_S="0.005")
+    await page.set_viewport_size({"width": 390, "height": 844})
+    session_id = await connect(page, server)
+    await expect(status(page)).to_contain_text("offline demo model answers")
+    await send(page, "first message")
+    await send(page, "second message")
+    before = await said(page).all_text_contents()
+    assert len(before) == 4
+
+    # Same address, same session id; Enter in the id field connects, keyboard only.
+    await page.reload()
+    id_field = page.get_by_label("Session id", exact=True)
+    await expect(id_field).to_have_value(session_id)
+    await id_field.press("Enter")
+    await expect(status(page)).to_contain_text("session resumed")
+    await expect(said(page)).to_have_text(before)
+    await expect(message_box(page)).to_be_focused()
+
+    # Everything fits the phone's width: nothing to scroll sideways.
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    for name in ("Send", "Disconnect"):
+        assert await button(page, name).is_visible()
+
+
+async def test_the_page_resumes_after_the_server_goes_away_without_showing_anything_twice(
+    page: Page, serve: Any, fake_llm: Any, db: Any
+) -> None:
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    server = await serve()
+    session_id = await connect(page, server)
+    await send(page, "before the restart")
+
+    # A restart (SIGTERM) mid-answer: the server finishes the answer, closes with 1001, and comes back.
+    fake_llm.script(fake.slow(0.1, text=STORY))
+    box = message_box(page)
+    await box.fill("during the restart")
+    await box.press("Enter")
+    await streaming_text(page)
+    await server.restart(signal.SIGTERM)
+    await expect(page.locator("#log .note", has_text="Reconnected")).to_have_count(1)
+    await expect(status(page)).to_contain_text("Connected")
+    await send(page, "after the restart")
+
+    # A crash (SIGKILL): the connection just drops, and the page finds the new process too.
+    await server.restart(signal.SIGKILL)
+    await expect(page.locator("#log .note", has_text="Reconnected")).to_have_count(2)
+    await send(page, "after the crash")
+
+    expected = [
+        "before the restart",
+        "You said: before the restart",
+        "during the restart",
+        STORY,
+        "after the restart",
+        "You said: after the restart",
+        "after the crash",
+        "You said: after the crash",
+    ]
+    await expect(said(page)).to_have_text(expected)
+    ids = [await li.get_attribute("data-id") for li in await page.locator("#log .msg").all()]
+    rows = await db.fetch(
+        "select id from session_events where session_id = $1 and event_type in ('user_message', 'ai_message')"
+        " order by id",
+        session_id,
+    )
+    assert ids == [str(r["id"]) for r in rows]
+    # Each reconnect asked only for what came after the last message it had.
+    assert len(sockets) >= 3
+    assert all(re.search(r"\?after=\d+$", url) for url in sockets[1:]), sockets

@@ -1,0 +1,737 @@
+// The demo page: a client of the wire protocol (docs/protocol.md). Plain JavaScript, no build step.
+// Model text is only ever put on the page as text (textContent, Text nodes), never parsed as HTML.
+"use strict";
+
+const SESSION_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
+const MAX_MESSAGE_BYTES = 16 * 1024;
+const OFFLINE_MODEL = "offline-demo";
+// Closes after which the page reconnects by itself: the server went away or broke, not the user or the session.
+// 4000 (another tab took the session over) and 4001 (idle) are final: reconnecting would fight the other tab.
+const RETRY_CODES = new Set([1001, 1005, 1006, 1011, 1012, 1013, 1014]);
+const RETRY = { baseMs: 500, capMs: 15000, maxAttempts: 10 };
+const SUMMARY_POLL = { firstMs: 400, capMs: 5000, forMs: 120000 };
+// A socket that answers nothing (not even our pings) for this long is treated as dropped.
+const PING_EVERY_MS = 25000;
+const SILENT_FOR_MS = 40000;
+const CLOSE_REASONS = {
+  1001: "the server is restarting",
+  1005: "no close code",
+  1006: "the connection dropped",
+  1008: "not allowed",
+  1009: "a message was too big",
+  1011: "a server error",
+  4000: "another tab took the session over",
+  4001: "idle for too long",
+};
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  status: $("status"),
+  statusText: $("status-text"),
+  sessionForm: $("session-form"),
+  sessionId: $("session-id"),
+  sessionHint: $("session-hint"),
+  newId: $("new-id"),
+  connect: $("connect"),
+  disconnect: $("disconnect"),
+  log: $("log"),
+  announcer: $("announcer"),
+  summary: $("summary"),
+  summaryText: $("summary-text"),
+  messageForm: $("message-form"),
+  message: $("message"),
+  send: $("send"),
+  stop: $("stop"),
+  refresh: $("refresh"),
+  recentNote: $("recent-note"),
+  sessions: $("sessions"),
+  viewer: $("viewer"),
+  viewerTitle: $("viewer-title"),
+  viewerMeta: $("viewer-meta"),
+  viewerSummary: $("viewer-summary"),
+  viewerLog: $("viewer-log"),
+  viewerResume: $("viewer-resume"),
+  viewerClose: $("viewer-close"),
+};
+
+const state = {
+  sessionId: "", // the session the log shows
+  ws: null, // the current socket; events from older ones are ignored
+  ready: false, // session.ready arrived on the current socket
+  wanted: false, // from Connect until Disconnect or a final close: a drop then means "reconnect"
+  attempt: 0, // reconnect attempts since the last session.ready
+  retryTimer: 0,
+  pingTimer: 0,
+  lastFrameAt: 0,
+  model: "",
+  resumed: false,
+  cursor: 0, // the largest stored id seen: the `after=` of a reconnect
+  shown: new Set(), // stored ids in the log: what makes a message appear once, whatever is replayed
+  outbox: new Map(), // client_msg_id -> {frame, el}: sent or queued, not yet stored
+  answers: new Map(), // response_id -> {el, label}: answers not yet stored
+  streaming: null, // the response_id being streamed now
+  visit: null, // {previousSummary: Promise, changed, connected}: this Connect's story, for notes and the summary
+  summaryPoll: 0, // bumped to stop a running poll
+  sessionsLoad: 0, // bumped so that only the latest list is drawn
+  speech: "", // streamed text not yet read out
+};
+
+// Small helpers.
+
+function randomHex(bytes) {
+  // crypto.getRandomValues works on plain http too (randomUUID needs a secure context).
+  const values = crypto.getRandomValues(new Uint8Array(bytes));
+  return Array.from(values, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function formatTime(iso) {
+  const date = iso ? new Date(iso) : new Date();
+  return date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function formatDate(iso) {
+  return iso ? new Date(iso).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) : "";
+}
+
+function describeClose(code) {
+  return CLOSE_REASONS[code] ? `${CLOSE_REASONS[code]}, ${code}` : `code ${code}`;
+}
+
+async function getJson(url) {
+  const resp = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+  const body = await resp.json().catch(() => null);
+  if (!resp.ok) {
+    const error = new Error(body?.error?.message ?? `HTTP ${resp.status}`);
+    error.status = resp.status;
+    throw error;
+  }
+  return body;
+}
+
+// The status line.
+
+function modelNote() {
+  if (state.model === OFFLINE_MODEL) return " · the offline demo model answers (no OPENAI_API_KEY set)";
+  return state.model ? ` · model ${state.model}` : "";
+}
+
+function setStatus(kind, text) {
+  ui.status.dataset.state = kind;
+  ui.statusText.textContent = text;
+}
+
+function showConnected() {
+  if (state.streaming) setStatus("answering", `Answering…${modelNote()}`);
+  else setStatus("connected", `Connected${state.resumed ? " · session resumed" : ""}${modelNote()}`);
+}
+
+function updateControls() {
+  const focused = document.activeElement;
+  ui.connect.disabled = state.wanted;
+  ui.newId.disabled = state.wanted;
+  ui.disconnect.disabled = !state.wanted;
+  // Read-only rather than disabled: it stays focusable and readable by a screen reader.
+  ui.sessionId.readOnly = state.wanted;
+  ui.message.disabled = !state.wanted;
+  ui.send.disabled = !state.wanted;
+  ui.stop.hidden = !state.streaming;
+  // Never strand keyboard focus on a control that just vanished or was disabled (Stop, Disconnect, Send…).
+  if (focused && focused !== document.body && (focused.disabled || focused.hidden)) {
+    (state.wanted ? ui.message : ui.connect).focus();
+  }
+}
+
+// The conversation log.
+
+function nearBottom(el) {
+  return el.scrollHeight - el.scrollTop - el.clientHeight < 48;
+}
+
+// Follow new text only when the reader is already at the bottom: never yank them back while they scroll up.
+function appendToLog(el, list = ui.log) {
+  const follow = nearBottom(list);
+  list.append(el);
+  if (follow) list.scrollTop = list.scrollHeight;
+  return el;
+}
+
+function messageItem(role, text) {
+  const li = document.createElement("li");
+  li.className = `msg ${role}`;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : "Assistant";
+  const body = document.createElement("div");
+  body.className = "text";
+  body.textContent = text;
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  li.append(who, body, meta);
+  return li;
+}
+
+function textOf(li) {
+  return li.querySelector(".text");
+}
+
+function setMeta(li, text) {
+  li.querySelector(".meta").textContent = text;
+}
+
+function addNote(text, kind = "info") {
+  const li = document.createElement("li");
+  li.className = `note ${kind}`;
+  li.textContent = text;
+  if (kind === "error") announce(text);
+  return appendToLog(li);
+}
+
+function noteCursor(id) {
+  if (id > state.cursor) state.cursor = id;
+}
+
+// A stored id is shown once: when `li` repeats one already in the log (history replayed after a reconnect
+// raced our own copy), the copy goes. Returns whether `li` stays.
+function markStored(li, id, label = "", at = "") {
+  noteCursor(id);
+  if (state.shown.has(id)) {
+    li.remove();
+    return false;
+  }
+  state.shown.add(id);
+  li.dataset.id = String(id);
+  li.classList.remove("pending");
+  setMeta(li, [label, formatTime(at), `saved #${id}`].filter(Boolean).join(" · "));
+  return true;
+}
+
+function renderHistory(items) {
+  for (const item of items) {
+    if (state.shown.has(item.id)) continue;
+    const li = appendToLog(messageItem(item.role, item.text));
+    markStored(li, item.id, "", item.created_at);
+  }
+}
+
+// Screen readers get the streamed answer a sentence at a time, through the live region.
+
+function announce(text) {
+  const p = document.createElement("p");
+  p.textContent = text;
+  ui.announcer.append(p);
+  while (ui.announcer.childElementCount > 4) ui.announcer.firstElementChild.remove();
+}
+
+function speakDelta(delta) {
+  state.speech += delta;
+  const sentence = state.speech.match(/^[\s\S]*[.!?…\n](\s|$)/);
+  if (sentence) {
+    announce(sentence[0]);
+    state.speech = state.speech.slice(sentence[0].length);
+  }
+}
+
+function speakRest(prefix = "") {
+  const rest = state.speech.trim();
+  state.speech = "";
+  if (prefix || rest) announce(`${prefix}${rest}`);
+}
+
+// Server events.
+
+const handlers = {
+  "session.ready": onReady,
+  "response.started": onStarted,
+  "response.delta": onDelta,
+  "response.done": onDone,
+  "message.stored": onStored,
+  error: onError,
+  pong: () => {},
+};
+
+function onFrame(data) {
+  state.lastFrameAt = Date.now();
+  let event;
+  try {
+    event = JSON.parse(data);
+  } catch {
+    return; // Not ours to guess at: the protocol only sends JSON objects.
+  }
+  const handler = handlers[event.type];
+  if (handler) handler(event);
+}
+
+function onReady(event) {
+  const first = !state.visit.connected;
+  const retried = state.attempt === 0 ? "" : first ? "Connected." : "Reconnected.";
+  state.visit.connected = true;
+  state.ready = true;
+  state.attempt = 0;
+  state.model = event.model;
+  if (first) {
+    // Later readies of this visit always say "resumed": the first one tells whether the session was new.
+    state.resumed = event.resumed;
+    state.visit.previousSummary = previousSummary(event.resumed);
+  }
+  // Answers never confirmed as stored: their stored version, if any, is in this history.
+  for (const answer of state.answers.values()) answer.el.remove();
+  state.answers.clear();
+  state.streaming = null;
+  renderHistory(event.history);
+  // Messages not confirmed as stored go again under their client_msg_id: the server stores and answers each
+  // once, and only acknowledges one it already has.
+  for (const entry of state.outbox.values()) {
+    appendToLog(entry.el);
+    setMeta(entry.el, "sending…");
+    state.ws.send(entry.frame);
+  }
+  if (retried) addNote(retried);
+  showConnected();
+  updateControls();
+}
+
+function onStarted(event) {
+  const li = appendToLog(messageItem("assistant", ""));
+  li.classList.add("pending", "streaming");
+  setMeta(li, "answering…");
+  state.answers.set(event.response_id, { el: li, label: "" });
+  state.streaming = event.response_id;
+  state.speech = "";
+  showConnected();
+  updateControls();
+}
+
+function onDelta(event) {
+  const answer = state.answers.get(event.response_id);
+  if (!answer) return;
+  const follow = nearBottom(ui.log);
+  textOf(answer.el).append(event.delta); // a Text node: the model's text is never HTML
+  if (follow) ui.log.scrollTop = ui.log.scrollHeight;
+  speakDelta(event.delta);
+}
+
+function onDone(event) {
+  const answer = state.answers.get(event.response_id);
+  if (!answer) return;
+  const li = answer.el;
+  textOf(li).textContent = event.text; // the whole text is authoritative, e.g. the fallback of a failed answer
+  li.classList.remove("streaming");
+  li.classList.add(event.status);
+  if (event.status === "failed") {
+    answer.label = `failed: ${event.error?.message || "the model did not answer"} (${event.error?.code})`;
+    state.speech = "";
+    announce(`The answer failed. ${event.text}`);
+  } else if (event.status === "cancelled") {
+    answer.label = "stopped";
+    speakRest();
+    announce("Answer stopped.");
+  } else {
+    speakRest();
+  }
+  setMeta(li, answer.label || "answered");
+  if (state.streaming === event.response_id) state.streaming = null;
+  showConnected();
+  updateControls();
+}
+
+function onStored(event) {
+  state.visit.changed = true;
+  if (event.role === "user") {
+    const entry = state.outbox.get(event.client_msg_id);
+    noteCursor(event.id);
+    if (!entry) return;
+    state.outbox.delete(event.client_msg_id);
+    markStored(entry.el, event.id);
+  } else {
+    const answer = state.answers.get(event.response_id);
+    noteCursor(event.id);
+    if (!answer) return;
+    state.answers.delete(event.response_id);
+    markStored(answer.el, event.id, answer.label);
+  }
+}
+
+function onError(event) {
+  addNote(`${event.message} (${event.code})`, "error");
+  // The protocol's `error` does not say which frame it refuses. Refusals of a message come at once, before
+  // any later frame is read, so the most recent unconfirmed message is the one refused.
+  if (event.code === "rate_limited" || event.code === "busy") {
+    const last = Array.from(state.outbox.entries()).pop();
+    if (!last) return;
+    const [clientMsgId, entry] = last;
+    state.outbox.delete(clientMsgId);
+    entry.el.classList.add("failed");
+    setMeta(entry.el, `not sent: ${event.code}`);
+  }
+}
+
+// The connection.
+
+function socketUrl() {
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const after = state.cursor > 0 ? `?after=${state.cursor}` : "";
+  return `${proto}//${location.host}/ws/session/${encodeURIComponent(state.sessionId)}${after}`;
+}
+
+function openSocket() {
+  state.retryTimer = 0;
+  const ws = new WebSocket(socketUrl());
+  state.ws = ws;
+  state.ready = false;
+  state.lastFrameAt = Date.now();
+  // A replaced socket's late events must not touch the page: each handler checks it is still the current one.
+  ws.onmessage = (e) => ws === state.ws && onFrame(e.data);
+  ws.onclose = (e) => ws === state.ws && onClosed(e.code);
+  // `error` is always followed by `close`, which decides what happens next.
+  startPings(ws);
+}
+
+function startPings(ws) {
+  clearInterval(state.pingTimer);
+  state.pingTimer = setInterval(() => {
+    if (ws !== state.ws || ws.readyState !== WebSocket.OPEN) return;
+    // A half-open connection (a laptop waking up, a NAT forgetting us) never fires `close` by itself.
+    if (Date.now() - state.lastFrameAt > SILENT_FOR_MS) {
+      state.ws = null;
+      ws.close();
+      onClosed(1006);
+      return;
+    }
+    ws.send(JSON.stringify({ type: "ping" }));
+  }, PING_EVERY_MS);
+}
+
+function onClosed(code) {
+  state.ws = null;
+  state.ready = false;
+  clearInterval(state.pingTimer);
+  interruptAnswer();
+  if (!state.wanted) {
+    finishDisconnect();
+  } else if (code === 4000) {
+    giveUp("Disconnected: the session is open in another tab", "This session was opened in another tab or window, " +
+      "which took it over. Press Connect here to take it back.");
+  } else if (!RETRY_CODES.has(code)) {
+    giveUp("Disconnected", `The connection closed (${describeClose(code)}). Press Connect to continue.`);
+  } else if (state.attempt >= RETRY.maxAttempts) {
+    giveUp("Disconnected: could not reconnect", "Could not reconnect. Press Connect to try again.");
+  } else {
+    scheduleRetry(code);
+  }
+}
+
+function interruptAnswer() {
+  const answer = state.answers.get(state.streaming);
+  state.streaming = null;
+  if (!answer) return;
+  answer.el.classList.remove("streaming");
+  setMeta(answer.el, "interrupted");
+}
+
+// Exponential backoff with "equal jitter": never sooner than half the step, so a restarted server is not
+// hammered by every page at the same instant.
+function backoffMs(attempt) {
+  const step = Math.min(RETRY.capMs, RETRY.baseMs * 2 ** attempt);
+  return step / 2 + Math.random() * (step / 2);
+}
+
+function scheduleRetry(code) {
+  const delay = backoffMs(state.attempt);
+  state.attempt += 1;
+  if (state.attempt === 1) {
+    const what = state.visit.connected ? "Connection lost" : "Could not connect";
+    addNote(`${what} (${describeClose(code)}). Retrying…`);
+  }
+  const seconds = (delay / 1000).toFixed(1);
+  setStatus("reconnecting", `Reconnecting in ${seconds} s (attempt ${state.attempt} of ${RETRY.maxAttempts})…`);
+  state.retryTimer = setTimeout(() => {
+    setStatus("reconnecting", `Reconnecting (attempt ${state.attempt} of ${RETRY.maxAttempts})…`);
+    openSocket();
+  }, delay);
+  updateControls();
+}
+
+function giveUp(status, note) {
+  state.wanted = false;
+  dropOutbox();
+  setStatus("closed", status);
+  addNote(note, "error");
+  updateControls();
+}
+
+// Messages never confirmed as stored: maybe stored, maybe not. Resuming the session shows which.
+function dropOutbox() {
+  for (const entry of state.outbox.values()) {
+    entry.el.classList.add("failed");
+    setMeta(entry.el, "not confirmed as saved");
+  }
+  state.outbox.clear();
+}
+
+function connect() {
+  const id = ui.sessionId.value.trim();
+  if (!SESSION_ID_RE.test(id)) {
+    ui.sessionId.setAttribute("aria-invalid", "true");
+    ui.sessionHint.textContent = "A session id is 1 to 128 letters, digits or . _ : - (no spaces).";
+    ui.sessionId.focus();
+    return;
+  }
+  ui.sessionId.removeAttribute("aria-invalid");
+  ui.sessionHint.textContent = "A fresh id starts a new conversation; type an old one to resume it.";
+  resetConversation(id);
+  state.wanted = true;
+  // The id goes in the address: a reload (or a bookmark) comes back to this conversation.
+  history.replaceState(null, "", `#${encodeURIComponent(id)}`);
+  setStatus("connecting", "Connecting…");
+  openSocket();
+  updateControls();
+  highlightCurrentSession();
+  ui.message.focus();
+}
+
+function resetConversation(id) {
+  state.summaryPoll += 1;
+  ui.summary.hidden = true;
+  ui.log.replaceChildren();
+  Object.assign(state, {
+    sessionId: id,
+    cursor: 0,
+    attempt: 0,
+    model: "",
+    resumed: false,
+    streaming: null,
+    visit: { previousSummary: null, changed: false, connected: false },
+  });
+  state.shown.clear();
+  state.outbox.clear();
+  state.answers.clear();
+}
+
+function disconnect() {
+  state.wanted = false;
+  clearTimeout(state.retryTimer);
+  if (state.ws) {
+    setStatus("connecting", "Disconnecting…");
+    state.ws.close(1000, "bye"); // `close` then finishes the disconnect
+  } else {
+    finishDisconnect();
+  }
+}
+
+function finishDisconnect() {
+  dropOutbox();
+  setStatus("idle", "Disconnected");
+  updateControls();
+  if (state.visit && (state.shown.size > 0 || state.visit.changed)) pollSummary(state.sessionId, state.visit);
+  loadSessions();
+}
+
+// The summary the worker writes after a disconnect.
+
+// What the summary was before this visit, so that an older one is not taken for the new one.
+async function previousSummary(resumed) {
+  if (!resumed) return null;
+  try {
+    return (await getJson(`/api/sessions/${encodeURIComponent(state.sessionId)}`)).summary;
+  } catch {
+    return null;
+  }
+}
+
+function showSummary(kind, text) {
+  ui.summary.hidden = false;
+  ui.summary.dataset.state = kind;
+  ui.summaryText.textContent = text;
+}
+
+async function pollSummary(sessionId, visit) {
+  const poll = ++state.summaryPoll;
+  const previous = await visit.previousSummary;
+  const deadline = Date.now() + SUMMARY_POLL.forMs;
+  showSummary("waiting", "Waiting for the worker to write the summary…");
+  let latest = null;
+  for (let delay = SUMMARY_POLL.firstMs; Date.now() < deadline; delay = Math.min(delay * 1.5, SUMMARY_POLL.capMs)) {
+    await sleep(delay);
+    if (poll !== state.summaryPoll) return;
+    const session = await getJson(`/api/sessions/${encodeURIComponent(sessionId)}`).catch(() => null);
+    if (poll !== state.summaryPoll) return;
+    latest = session?.summary || latest;
+    // A visit that stored nothing new gets no new summary: the one there is already covers it.
+    if (session?.summary && (!visit.changed || session.summary !== previous)) {
+      showSummary("done", session.summary);
+      loadSessions();
+      return;
+    }
+  }
+  // The API does not say which messages a summary covers: an unchanged one may still be the new one.
+  if (latest) showSummary("late", `${latest}\n\n(This may not cover your last visit yet.)`);
+  else showSummary("late", "No summary yet: the worker may be busy or stopped. It will appear under Recent sessions.");
+}
+
+// Recent sessions, and one past session in a dialog.
+
+async function loadSessions() {
+  const load = ++state.sessionsLoad;
+  try {
+    const body = await getJson("/api/sessions?limit=20");
+    if (load !== state.sessionsLoad) return;
+    ui.sessions.replaceChildren(...body.sessions.map(sessionItem));
+    ui.recentNote.textContent = body.sessions.length ? "" : "No sessions yet.";
+    highlightCurrentSession();
+  } catch (e) {
+    if (load === state.sessionsLoad) ui.recentNote.textContent = `Could not load the sessions: ${e.message}`;
+  }
+}
+
+function sessionItem(session) {
+  const li = document.createElement("li");
+  li.dataset.sessionId = session.session_id;
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "link";
+  open.textContent = session.session_id;
+  open.setAttribute("aria-label", `Open session ${session.session_id}`);
+  open.addEventListener("click", () => openViewer(session.session_id));
+  const meta = document.createElement("p");
+  meta.className = "meta";
+  const count = `${session.message_count} message${session.message_count === 1 ? "" : "s"}`;
+  meta.textContent = [count, formatDate(session.start_time), session.end_time ? "" : "live"].filter(Boolean).join(" · ");
+  const summary = document.createElement("p");
+  summary.className = session.summary ? "sum" : "sum none";
+  summary.textContent = session.summary || "No summary yet.";
+  li.append(open, meta, summary);
+  return li;
+}
+
+function highlightCurrentSession() {
+  for (const li of ui.sessions.children) {
+    const current = state.wanted && li.dataset.sessionId === state.sessionId;
+    li.classList.toggle("current", current);
+    if (current) li.setAttribute("aria-current", "true");
+    else li.removeAttribute("aria-current");
+  }
+}
+
+async function openViewer(sessionId) {
+  ui.viewerTitle.textContent = `Session ${sessionId}`;
+  ui.viewerMeta.textContent = "Loading…";
+  ui.viewerSummary.textContent = "";
+  ui.viewerLog.replaceChildren();
+  ui.viewerResume.dataset.sessionId = sessionId;
+  ui.viewerResume.disabled = state.wanted;
+  ui.viewerResume.title = state.wanted ? "Disconnect first to resume another session." : "";
+  if (!ui.viewer.open) ui.viewer.showModal();
+  try {
+    const session = await getJson(`/api/sessions/${encodeURIComponent(sessionId)}`);
+    const ended = session.end_time ? `ended ${formatDate(session.end_time)}` : "live";
+    ui.viewerMeta.textContent = `Started ${formatDate(session.start_time)} · ${ended} · ${session.message_count} messages`;
+    ui.viewerSummary.textContent = session.summary || "No summary yet.";
+    for (const event of session.events) {
+      const li = messageItem(event.role, event.text);
+      setMeta(li, `${formatTime(event.created_at)} · saved #${event.id}`);
+      ui.viewerLog.append(li);
+    }
+  } catch (e) {
+    ui.viewerMeta.textContent = `Could not load this session: ${e.message}`;
+  }
+}
+
+function resumeFromViewer() {
+  ui.viewer.close();
+  ui.sessionId.value = ui.viewerResume.dataset.sessionId;
+  connect();
+}
+
+// Sending.
+
+function problemWith(text) {
+  if (new TextEncoder().encode(text).length > MAX_MESSAGE_BYTES) {
+    return `That message is longer than ${MAX_MESSAGE_BYTES / 1024} KiB; shorten it and send again.`;
+  }
+  if (text.includes("\u0000")) return "That message contains a NUL character, which cannot be sent.";
+  return "";
+}
+
+function sendMessage(event) {
+  event.preventDefault();
+  const text = ui.message.value;
+  if (!state.wanted || !text.trim()) return;
+  const problem = problemWith(text);
+  if (problem) {
+    addNote(problem, "error");
+    return;
+  }
+  const clientMsgId = `m-${randomHex(8)}`;
+  const frame = JSON.stringify({ type: "message", text, client_msg_id: clientMsgId });
+  const li = appendToLog(messageItem("user", text));
+  li.classList.add("pending");
+  ui.log.scrollTop = ui.log.scrollHeight; // the sender always sees what they sent
+  state.outbox.set(clientMsgId, { frame, el: li });
+  if (state.ready) {
+    setMeta(li, "sending…");
+    state.ws.send(frame);
+  } else {
+    setMeta(li, "waiting for the connection…"); // sent by onReady once reconnected
+  }
+  ui.message.value = "";
+}
+
+function stopAnswer() {
+  if (state.streaming && state.ready) state.ws.send(JSON.stringify({ type: "cancel" }));
+}
+
+function onMessageKey(event) {
+  // Enter sends; Shift+Enter is a new line; an IME composing text uses Enter for itself.
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    ui.messageForm.requestSubmit();
+  } else if (event.key === "Escape" && state.streaming) {
+    event.preventDefault();
+    stopAnswer();
+  }
+}
+
+// Wiring.
+
+function sessionIdInAddress() {
+  try {
+    const id = decodeURIComponent(location.hash.slice(1));
+    return SESSION_ID_RE.test(id) ? id : "";
+  } catch {
+    return ""; // a malformed %-escape: start fresh
+  }
+}
+
+function start() {
+  const fromAddress = sessionIdInAddress();
+  ui.sessionId.value = fromAddress || `chat-${randomHex(5)}`;
+  ui.sessionForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    if (!state.wanted) connect();
+  });
+  ui.newId.addEventListener("click", () => {
+    ui.sessionId.value = `chat-${randomHex(5)}`;
+    ui.sessionId.focus();
+  });
+  ui.disconnect.addEventListener("click", disconnect);
+  ui.messageForm.addEventListener("submit", sendMessage);
+  ui.message.addEventListener("keydown", onMessageKey);
+  ui.stop.addEventListener("click", stopAnswer);
+  ui.refresh.addEventListener("click", loadSessions);
+  ui.viewerClose.addEventListener("click", () => ui.viewer.close());
+  ui.viewerResume.addEventListener("click", resumeFromViewer);
+  // Back online: try now rather than wait out the backoff.
+  window.addEventListener("online", () => {
+    if (state.retryTimer) {
+      clearTimeout(state.retryTimer);
+      openSocket();
+    }
+  });
+  loadSessions();
+}
+
+start();
