@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .auth import AuthError, token_from
 from .errors import StoreError
-from .keys import METRICS, REDIS, SETTINGS, STORE
+from .keys import AUTH, METRICS, REDIS, SETTINGS, STORE
 from .metrics import CONTENT_TYPE_LATEST
 from .protocol import SESSION_ID_RE, history_item, http_error
 from .store import MESSAGE_TYPES, SessionRecord
@@ -43,12 +44,31 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(request.app[SETTINGS].web_dir / "index.html")
 
 
+class _Unauthorized(Exception):
+    pass
+
+
+async def _caller(request: web.Request) -> str | None:
+    """The verified user id when authentication is on (the API then shows only their sessions), else None."""
+    auth = request.app[AUTH]
+    if not auth.enabled:
+        return None
+    try:
+        return (await auth.verify(token_from(request))).user_id
+    except AuthError as e:
+        raise _Unauthorized(str(e)) from e
+
+
 async def list_sessions(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "50")
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
         return _error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIST}")
     try:
-        records = await request.app[STORE].list_sessions(limit=int(raw))
+        user_id = await _caller(request)
+    except _Unauthorized as e:
+        return _error(401, "unauthorized", str(e))
+    try:
+        records = await request.app[STORE].list_sessions(limit=int(raw), owner_id=user_id)
     except StoreError:
         return _error(503, "store_unavailable", "the database is not answering; try again shortly")
     return _json({"sessions": [_session(r) for r in records]})
@@ -58,10 +78,15 @@ async def get_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     if not SESSION_ID_RE.fullmatch(session_id):
         return _error(400, "invalid_session_id", "session ids are 1 to 128 characters from A-Z a-z 0-9 . _ : -")
+    try:
+        user_id = await _caller(request)
+    except _Unauthorized as e:
+        return _error(401, "unauthorized", str(e))
     store = request.app[STORE]
     try:
         record = await store.get_session(session_id)
-        if record is None:
+        # Someone else's session is answered as unknown: its existence is not the caller's business.
+        if record is None or (user_id is not None and record.owner_id != user_id):
             return _error(404, "session_not_found", f"no session {session_id!r}")
         events = await store.events(session_id, types=MESSAGE_TYPES, limit=request.app[SETTINGS].history_limit)
     except StoreError:

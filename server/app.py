@@ -11,7 +11,8 @@ from aiohttp import web
 from arq.connections import ArqRedis
 
 from . import api, ws
-from .keys import HUB, LLM_CLIENT, METRICS, REDIS, SETTINGS, SOCKETS, STORE
+from .auth import Authenticator
+from .keys import AUTH, HUB, LLM_CLIENT, METRICS, REDIS, SETTINGS, SOCKETS, STORE
 from .llm import make_llm
 from .metrics import Metrics
 from .presence import Presence
@@ -54,6 +55,19 @@ async def _llm(app: web.Application) -> AsyncIterator[None]:
     await llm.close()
 
 
+async def _auth(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    auth = Authenticator(settings)
+    app[AUTH] = auth
+    if not auth.enabled and not settings.loopback_only:
+        log.warning(
+            "AUTH_DISABLED: serving without authentication on a non-loopback address",
+            extra={"fields": {"host": settings.host}},
+        )
+    yield
+    await auth.close()
+
+
 async def _hub(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     presence = Presence(app[REDIS], ttl_s=settings.presence_ttl_s)
@@ -73,7 +87,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SOCKETS] = weakref.WeakSet()
-    app.cleanup_ctx.extend([_store, _redis, _llm, _hub])
+    app.cleanup_ctx.extend([_store, _redis, _llm, _auth, _hub])
     app.on_shutdown.append(ws.close_sockets)
     app.router.add_get("/", api.index)
     app.router.add_get("/ws/session/{session_id}", ws.session_socket)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import protocol
 from .errors import LLMError, ProtocolError
@@ -109,6 +109,10 @@ class Connection:
         self._draining = True
         if self._answer is not None:
             await asyncio.wait((self._answer,))
+
+    def expire(self) -> None:
+        """The caller's access token ran out: end the session with 1008 (policy)."""
+        self._spawn(self.close(WSCloseCode.POLICY_VIOLATION, "the access token expired"))
 
     async def close(self, code: int, message: str) -> None:
         await self._ws.close(code=code, message=message.encode())

@@ -58,3 +58,7 @@ class ProtocolError(AppError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Forbidden(AppError):
+    """The caller is authenticated but the session belongs to someone else."""

@@ -7,6 +7,7 @@ import weakref
 from aiohttp import web
 from arq.connections import ArqRedis
 
+from .auth import Authenticator
 from .llm import LLM
 from .metrics import Metrics
 from .sessions import Hub
@@ -19,4 +20,5 @@ STORE = web.AppKey("store", Store)
 LLM_CLIENT = web.AppKey("llm", LLM)
 REDIS = web.AppKey("redis", ArqRedis)
 HUB = web.AppKey("hub", Hub)
+AUTH = web.AppKey("auth", Authenticator)
 SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from arq.connections import ArqRedis
 
 from .context import Context
-from .errors import StoreError, StoreUnavailable
+from .errors import Forbidden, StoreError, StoreUnavailable
 from .jobs import enqueue_summary
 from .metrics import Metrics
 from .presence import Presence
@@ -88,6 +88,14 @@ class Hub:
             self._endings.add(task)
             task.add_done_callback(self._endings.discard)
 
+    async def check_owner(self, session: Session, user_id: str) -> None:
+        """Raise Forbidden unless the session is new or belongs to `user_id` (a session with no owner, made while
+        authentication was off, belongs to nobody). Checked before anything touches the session."""
+        async with asyncio.timeout(self._settings.store_connect_timeout_s):
+            record = await self._store.get_session(session.id)
+        if record is not None and record.owner_id != user_id:
+            raise Forbidden(f"session {session.id!r} belongs to another user")
+
     async def open(self, session: Session, *, owner_id: str | None) -> tuple[OpenedSession, list[StoredEvent]]:
         """Create or resume the session in the store and return its recent messages.
 
@@ -97,6 +105,9 @@ class Hub:
         await session.writer.drain(within_s=self._settings.store_connect_timeout_s)
         async with asyncio.timeout(self._settings.store_connect_timeout_s):
             opened = await self._store.open_session(session.id, owner_id=owner_id, now=datetime.now(UTC))
+            if owner_id is not None and opened.record.owner_id != owner_id:
+                # Someone else created it between check_owner and here.
+                raise Forbidden(f"session {session.id!r} belongs to another user")
             history = await self._store.events(session.id, types=MESSAGE_TYPES, limit=self._settings.history_limit)
         if not session.loaded:
             session.remember(history)

@@ -66,6 +66,23 @@ def _port_or_zero(text: str) -> int:
     return value
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _origins(text: str) -> tuple[str, ...] | None:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and urlsplit(origin).scheme not in ("http", "https"):
+            raise ValueError("must be a comma-separated list of origins like https://app.example.com, or *")
+    return origins or None
+
+
 def _optional(text: str) -> str | None:
     return text.strip() or None
 
@@ -164,6 +181,15 @@ class Settings:
     worker_metrics_port: int = field(default=9191, metadata=_env("WORKER_METRICS_PORT", _port_or_zero))
     sweep_batch: int = field(default=200, metadata=_env("SWEEP_BATCH", _positive_int))
 
+    # Who may connect.
+    auth_jwt_secret: str | None = field(default=None, metadata=_env("AUTH_JWT_SECRET", _optional))
+    auth_jwks_url: str | None = field(default=None, metadata=_env("AUTH_JWKS_URL", _http_url))
+    auth_audience: str | None = field(default=None, metadata=_env("AUTH_AUDIENCE", _optional))
+    auth_issuer: str | None = field(default=None, metadata=_env("AUTH_ISSUER", _optional))
+    auth_jwks_cache_s: float = field(default=600.0, metadata=_env("AUTH_JWKS_CACHE_S", _positive_float))
+    auth_disabled: bool = field(default=False, metadata=_env("AUTH_DISABLED", _bool))
+    allowed_origins: tuple[str, ...] | None = field(default=None, metadata=_env("ALLOWED_ORIGINS", _origins))
+
     # The server.
     host: str = field(default="127.0.0.1", metadata=_env("HOST"))
     port: int = field(default=8001, metadata=_env("PORT", _port))
@@ -185,6 +211,14 @@ class Settings:
     def offline(self) -> bool:
         """True when no provider is configured and the built-in demo model answers."""
         return self.openai_api_key is None and self.openai_base_url is None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_jwt_secret is not None or self.auth_jwks_url is not None
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
 
     @property
     def database_url_or_default(self) -> str:
@@ -225,5 +259,10 @@ class Settings:
 
     def validate(self) -> None:
         """Check the rules that span several settings."""
+        if not self.auth_enabled and not self.loopback_only and not self.auth_disabled:
+            raise ConfigError(
+                f"HOST={self.host!r} without authentication: set AUTH_JWT_SECRET or AUTH_JWKS_URL, "
+                "or AUTH_DISABLED=true to serve everyone who can reach it"
+            )
         if self.max_message_bytes > self.max_frame_bytes:
             raise ConfigError("MAX_MESSAGE_BYTES must not exceed MAX_FRAME_BYTES")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import WSCloseCode, hdrs, web
 
 from . import protocol
+from .auth import AuthError, origin_allowed, token_from
 from .connection import Connection
-from .errors import StoreError
-from .keys import HUB, LLM_CLIENT, METRICS, SETTINGS, SOCKETS
+from .errors import Forbidden, StoreError
+from .keys import AUTH, HUB, LLM_CLIENT, METRICS, SETTINGS, SOCKETS
 from .protocol import http_error
 
 log = logging.getLogger(__name__)
@@ -40,15 +42,28 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
         return _refuse(426, "upgrade_required", "this route speaks WebSocket only")
 
     app = request.app
-    settings, hub, metrics = app[SETTINGS], app[HUB], app[METRICS]
+    settings, hub, metrics, auth = app[SETTINGS], app[HUB], app[METRICS], app[AUTH]
+    if not origin_allowed(request, settings):
+        return _refuse(403, "origin_not_allowed", "pages from this origin may not connect")
+    identity = None
+    if auth.enabled:
+        try:
+            identity = await auth.verify(token_from(request))
+        except AuthError as e:
+            return _refuse(401, "unauthorized", str(e))
     session = hub.checkout(session_id)
     attached = False
     try:
         async with session.lock:
-            if session.connection is not None:
-                await session.connection.replace()
             try:
-                opened, history = await hub.open(session, owner_id=None)
+                # Before anything touches the session: a stranger must not even close its owner's socket.
+                if identity is not None:
+                    await hub.check_owner(session, identity.user_id)
+                if session.connection is not None:
+                    await session.connection.replace()
+                opened, history = await hub.open(session, owner_id=None if identity is None else identity.user_id)
+            except Forbidden as e:
+                return _refuse(403, "forbidden", str(e))
             except (StoreError, TimeoutError) as e:
                 log.warning(
                     "store unavailable at connect", extra={"fields": {"session_id": session_id, "error": str(e)}}
@@ -72,7 +87,15 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
     metrics.sessions_started.labels(str(resumed).lower()).inc()
     log.info("connected", extra={"fields": {"session_id": session_id, "resumed": resumed, "history": len(history)}})
 
+    expiry = None
+    if identity is not None and identity.expires_at is not None:
+        # The token may run out while the socket is open: the session ends with it (1008).
+        delay = max(0.0, identity.expires_at - time.time())
+        expiry = asyncio.get_running_loop().call_later(delay, conn.expire)
+
     def closed() -> None:
+        if expiry is not None:
+            expiry.cancel()
         metrics.open_sockets.dec()
         hub.checkin(session)
 
