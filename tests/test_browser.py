@@ -8,11 +8,13 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import pytest_asyncio
 from arq.worker import Worker
@@ -383,3 +385,28 @@ async def test_the_page_resumes_after_the_server_goes_away_without_showing_anyth
     # Each reconnect asked only for what came after the last message it had.
     assert len(sockets) >= 3
     assert all(re.search(r"\?after=\d+$", url) for url in sockets[1:]), sockets
+
+
+async def test_with_authentication_on_the_page_uses_the_token_it_was_opened_with(
+    page: Page, serve: Any, worker: Worker, db: Any
+) -> None:
+    secret = "browser-test-secret-long-enough-for-hs256"
+    server = await serve(AUTH_JWT_SECRET=secret)
+
+    # Without a token the server refuses the socket, and the page says it could not connect.
+    await page.goto(server.url)
+    await button(page, "Connect").click()
+    await expect(status(page)).not_to_contain_text("Connected ·")
+
+    token = jwt.encode({"sub": "ada", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    await page.goto(f"{server.url}?access_token={token}")
+    session_id = await page.get_by_label("Session id", exact=True).input_value()
+    await button(page, "Connect").click()
+    await expect(status(page)).to_contain_text("Connected")
+    answer = await send(page, "hello with a token")
+    await expect(answer.locator(".text")).to_contain_text("hello with a token")
+    assert await db.fetchval("select owner_id from sessions where session_id = $1", session_id) == "ada"
+
+    # The summary and the recent sessions come through the API with the same token.
+    await button(page, "Disconnect").click()
+    await expect(page.get_by_role("region", name="Summary")).to_contain_text("You said")

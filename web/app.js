@@ -101,8 +101,15 @@ function describeClose(code) {
   return CLOSE_REASONS[code] ? `${CLOSE_REASONS[code]}, ${code}` : `code ${code}`;
 }
 
+// When the server checks access tokens, open the page as /?access_token=<JWT> (for example from your
+// sign-in flow): the token goes with every request, as a header to /api and in the query of the
+// WebSocket (browsers cannot set headers on a WebSocket).
+const ACCESS_TOKEN = new URLSearchParams(location.search).get("access_token");
+
 async function getJson(url) {
-  const resp = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+  const headers = { Accept: "application/json" };
+  if (ACCESS_TOKEN) headers.Authorization = `Bearer ${ACCESS_TOKEN}`;
+  const resp = await fetch(url, { headers, cache: "no-store" });
   const body = await resp.json().catch(() => null);
   if (!resp.ok) {
     const error = new Error(body?.error?.message ?? `HTTP ${resp.status}`);
@@ -373,8 +380,11 @@ function onError(event) {
 
 function socketUrl() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const after = state.cursor > 0 ? `?after=${state.cursor}` : "";
-  return `${proto}//${location.host}/ws/session/${encodeURIComponent(state.sessionId)}${after}`;
+  const query = new URLSearchParams();
+  if (state.cursor > 0) query.set("after", String(state.cursor));
+  if (ACCESS_TOKEN) query.set("access_token", ACCESS_TOKEN);
+  const search = query.toString() ? `?${query}` : "";
+  return `${proto}//${location.host}/ws/session/${encodeURIComponent(state.sessionId)}${search}`;
 }
 
 function openSocket() {
