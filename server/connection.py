@@ -83,6 +83,8 @@ class Connection:
         self._limiter = _RateLimiter(settings.messages_per_minute)
         self._messages = 0
         self._started = time.monotonic()
+        self._last_frame = asyncio.get_running_loop().time()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # Life cycle.
 
@@ -151,15 +153,37 @@ class Connection:
 
     async def _read_frames(self) -> None:
         ws = self._ws
-        while True:
-            msg = await ws.receive()
-            if msg.type is WSMsgType.TEXT:
-                await self._on_text(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                await self._reject(ProtocolError(protocol.UNSUPPORTED_FRAME, "binary frames are not supported"))
-            else:
-                # CLOSE, CLOSING, CLOSED or ERROR (a frame over the size limit closes with 1009 in aiohttp).
-                return
+        loop = asyncio.get_running_loop()
+        if self._settings.idle_timeout_s:
+            self._watchdog = loop.call_later(self._settings.idle_timeout_s, self._check_idle)
+        try:
+            while True:
+                msg = await ws.receive()
+                self._last_frame = loop.time()
+                if msg.type is WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    await self._reject(ProtocolError(protocol.UNSUPPORTED_FRAME, "binary frames are not supported"))
+                else:
+                    # CLOSE, CLOSING, CLOSED or ERROR (a frame over the size limit closes with 1009 in aiohttp).
+                    return
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+
+    def _check_idle(self) -> None:
+        """No frame from the client for IDLE_TIMEOUT_S while nothing was being answered: end the session (4001)."""
+        loop = asyncio.get_running_loop()
+        idle_s = self._settings.idle_timeout_s
+        if self._answer is not None or self._waiting:
+            # Busy answering: a silent client is reading, not idle.
+            self._last_frame = max(self._last_frame, loop.time())
+        due = self._last_frame + idle_s
+        if loop.time() >= due:
+            self._watchdog = None
+            self._spawn(self.close(protocol.CLOSE_IDLE, "idle for too long"))
+        else:
+            self._watchdog = loop.call_at(due, self._check_idle)
 
     async def _on_text(self, text: str) -> None:
         try:

@@ -64,9 +64,32 @@ class Hub:
         self._presence = presence
         self._sessions: dict[str, Session] = {}
         self._endings: set[asyncio.Task[None]] = set()
+        self._connections = 0
+        self._per_user: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def admit(self, user_id: str | None) -> str | None:
+        """Reserve a connection slot; the refusal's error code when the process or the user is at the limit.
+        Every admitted connection is paired with a `leave`."""
+        if self._connections >= self._settings.max_connections:
+            return "server_busy"
+        if user_id is not None:
+            if self._per_user.get(user_id, 0) >= self._settings.max_connections_per_user:
+                return "too_many_connections"
+            self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
+        self._connections += 1
+        return None
+
+    def leave(self, user_id: str | None) -> None:
+        self._connections -= 1
+        if user_id is not None:
+            left = self._per_user[user_id] - 1
+            if left:
+                self._per_user[user_id] = left
+            else:
+                del self._per_user[user_id]
 
     def checkout(self, session_id: str) -> Session:
         """The session's live state, created if needed; every checkout is paired with a `checkin`."""

@@ -51,6 +51,12 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
             identity = await auth.verify(token_from(request))
         except AuthError as e:
             return _refuse(401, "unauthorized", str(e))
+    user_id = None if identity is None else identity.user_id
+    refusal = hub.admit(user_id)
+    if refusal == "server_busy":
+        return _refuse(503, refusal, "this server holds as many connections as it may; try another or retry later")
+    if refusal is not None:
+        return _refuse(429, refusal, "you have too many connections open; close one first")
     session = hub.checkout(session_id)
     attached = False
     try:
@@ -61,7 +67,7 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
                     await hub.check_owner(session, identity.user_id)
                 if session.connection is not None:
                     await session.connection.replace()
-                opened, history = await hub.open(session, owner_id=None if identity is None else identity.user_id)
+                opened, history = await hub.open(session, owner_id=user_id)
             except Forbidden as e:
                 return _refuse(403, "forbidden", str(e))
             except (StoreError, TimeoutError) as e:
@@ -77,6 +83,7 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
     finally:
         if not attached:
             hub.checkin(session)
+            hub.leave(user_id)
 
     resumed = not opened.created
     ready = protocol.session_ready(
@@ -98,6 +105,7 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
             expiry.cancel()
         metrics.open_sockets.dec()
         hub.checkin(session)
+        hub.leave(user_id)
 
     await conn.run(ready, on_closed=closed)
     return ws
