@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 
 from . import api, ws
 from .auth import Authenticator
-from .keys import AUTH, HUB, LLM_CLIENT, METRICS, REDIS, SETTINGS, SOCKETS, STORE
+from .keys import AUTH, HUB, LLM_CLIENT, METRICS, PRESENCE, REDIS, SETTINGS, SOCKETS, STORE
 from .llm import make_llm
 from .metrics import Metrics
 from .presence import Presence
@@ -70,10 +70,12 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
 
 async def _hub(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    presence = Presence(app[REDIS], ttl_s=settings.presence_ttl_s)
-    refresher = asyncio.create_task(presence.run(), name="presence")
+    presence = Presence(app[REDIS], ttl_s=settings.presence_ttl_s, takeover_wait_s=settings.takeover_wait_s)
     hub = Hub(app[STORE], app[METRICS], settings, redis=app[REDIS], presence=presence)
+    presence.on_release_request(hub.release_request)
+    refresher = asyncio.create_task(presence.run(), name="presence")
     app[HUB] = hub
+    app[PRESENCE] = presence
     yield
     # Runs after on_shutdown closed the sockets: give their last writes time to land before the store closes.
     await hub.close(within_s=settings.shutdown_flush_s)

@@ -102,7 +102,14 @@ class Connection:
             await asyncio.shield(self._wind_down(on_closed))
 
     async def replace(self) -> None:
-        """A newer connection takes the session over: close this one with 4000 and wait until it let go."""
+        """A newer connection takes the session over: stop the answer (the client still gets its `response.done`,
+        and the partial answer is stored), close with 4000, and wait until this connection let go."""
+        self._draining = True
+        if self._answer is not None:
+            self._answer.cancel()
+        self._wake.set()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
         await self.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
         await self._closed.wait()
 

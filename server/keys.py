@@ -10,6 +10,7 @@ from arq.connections import ArqRedis
 from .auth import Authenticator
 from .llm import LLM
 from .metrics import Metrics
+from .presence import Presence
 from .sessions import Hub
 from .settings import Settings
 from .store import Store
@@ -21,4 +22,5 @@ LLM_CLIENT = web.AppKey("llm", LLM)
 REDIS = web.AppKey("redis", ArqRedis)
 HUB = web.AppKey("hub", Hub)
 AUTH = web.AppKey("auth", Authenticator)
+PRESENCE = web.AppKey("presence", Presence)
 SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])

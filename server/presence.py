@@ -1,11 +1,11 @@
-"""Which sessions this process holds, as expiring Redis keys, so the sweeper can tell live sessions from orphans."""
+"""Which server holds each session: an expiring Redis lease per session, and takeover between server processes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import secrets
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import Any
 
@@ -16,57 +16,135 @@ from .jobs import held_key
 
 log = logging.getLogger(__name__)
 
+RELEASE_CHANNEL = "rt:release"
+_POLL_S = 0.05
+
+# Set the lease when it is free or already ours; never overwrite another server's.
+_RENEW = """
+local current = redis.call('get', KEYS[1])
+if current == false or current == ARGV[1] then
+    redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+    return 1
+end
+return 0
+"""
+# Delete the lease only while it is ours.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
 
 class Presence:
-    """Keeps `rt:held:{session_id}` alive in Redis for every session this process holds.
+    """Leases `rt:held:{session_id}` = this server's id for every session whose state this process holds.
 
-    One refresh loop renews all keys in a single pipeline every third of the TTL. If this process
-    dies, its keys expire within the TTL, and the worker's sweeper may then end its sessions.
-    Redis being down only delays that: the keys come back with the next refresh.
+    One loop renews all leases every third of the TTL; if the process dies they expire, and the worker's
+    sweeper may end its sessions. A server that gets a connection for a session another server holds
+    publishes a release request; the holder closes its socket with 4000, stores what it had, and lets the
+    lease go, so the newcomer loads a complete history. Two servers never answer one session at once.
+    When Redis is unreachable nobody can be asked, and each server serves what reaches it.
     """
 
-    def __init__(self, redis: ArqRedis, *, ttl_s: float) -> None:
+    def __init__(self, redis: ArqRedis, *, ttl_s: float, takeover_wait_s: float) -> None:
         self._redis = redis
         self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._takeover_wait_s = takeover_wait_s
         self._held: set[str] = set()
         self.server_id = secrets.token_hex(6)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._on_release_request: Callable[[str], None] = lambda session_id: None
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
 
-    def hold(self, session_id: str) -> None:
+    def on_release_request(self, callback: Callable[[str], None]) -> None:
+        """Called with a session id when another server asks for a session this one holds."""
+        self._on_release_request = callback
+
+    async def claim(self, session_id: str) -> None:
+        """Take the session's lease, asking its holder to let go first; after `takeover_wait_s` without an answer
+        (a holder that hangs), take it anyway."""
+        key = held_key(session_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._takeover_wait_s
+        asked = False
+        try:
+            while True:
+                if await self._renew(keys=[key], args=[self.server_id, self._ttl_ms]):
+                    break
+                if not asked:
+                    await self._redis.publish(RELEASE_CHANNEL, session_id)
+                    asked = True
+                if loop.time() >= deadline:
+                    log.warning(
+                        "took over a session its holder did not release", extra={"fields": {"session_id": session_id}}
+                    )
+                    await self._redis.set(key, self.server_id, px=self._ttl_ms)
+                    break
+                await asyncio.sleep(_POLL_S)
+        except (RedisError, OSError) as e:
+            log.warning(
+                "could not claim the session lease", extra={"fields": {"session_id": session_id, "error": str(e)}}
+            )
         self._held.add(session_id)
-        self._spawn(self._set([session_id]))
 
     def release(self, session_id: str) -> None:
         self._held.discard(session_id)
-        self._spawn(self._delete(session_id))
+        self._spawn(self._let_go(session_id))
 
     async def run(self) -> None:
-        """The refresh loop; runs until cancelled."""
-        while True:
-            await asyncio.sleep(self._ttl_ms / 3000)
-            if self._held:
-                await self._set(list(self._held))
+        """Renew the leases and answer release requests; runs until cancelled."""
+        listener = asyncio.create_task(self._listen(), name="presence-listener")
+        try:
+            while True:
+                await asyncio.sleep(self._ttl_ms / 3000)
+                await self._renew_all()
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _set(self, session_ids: list[str]) -> None:
+    async def _renew_all(self) -> None:
+        held = list(self._held)
+        if not held:
+            return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for session_id in session_ids:
-                    pipe.set(held_key(session_id), self.server_id, px=self._ttl_ms)
-                await pipe.execute()
+                for session_id in held:
+                    await self._renew(keys=[held_key(session_id)], args=[self.server_id, self._ttl_ms], client=pipe)
+                results = await pipe.execute()
         except (RedisError, OSError) as e:
-            log.warning(
-                "could not renew session holds", extra={"fields": {"sessions": len(session_ids), "error": str(e)}}
-            )
+            log.warning("could not renew session leases", extra={"fields": {"sessions": len(held), "error": str(e)}})
+            return
+        for session_id, renewed in zip(held, results, strict=True):
+            if not renewed and session_id in self._held:
+                # Another server took it (after a hang of ours): it is theirs now, close ours.
+                log.warning("lost a session lease", extra={"fields": {"session_id": session_id}})
+                self._on_release_request(session_id)
 
-    async def _delete(self, session_id: str) -> None:
-        # When Redis is away the key simply expires.
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(RELEASE_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        data = message["data"]
+                        session_id = data.decode() if isinstance(data, bytes) else str(data)
+                        if session_id in self._held:
+                            self._on_release_request(session_id)
+            except (RedisError, OSError) as e:
+                log.warning("release channel lost, resubscribing", extra={"fields": {"error": str(e)}})
+                await asyncio.sleep(1.0)
+
+    async def _let_go(self, session_id: str) -> None:
+        # When Redis is away the lease simply expires.
         with suppress(RedisError, OSError):
-            await self._redis.delete(held_key(session_id))
+            await self._release(keys=[held_key(session_id)], args=[self.server_id])
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

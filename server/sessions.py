@@ -100,7 +100,6 @@ class Hub:
             )
             context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
             session = self._sessions[session_id] = Session(session_id, writer=writer, context=context)
-            self._presence.hold(session_id)
         session.users += 1
         return session
 
@@ -108,6 +107,15 @@ class Hub:
         session.users -= 1
         if session.users == 0:
             task = asyncio.create_task(self._end(session), name=f"end:{session.id}")
+            self._endings.add(task)
+            task.add_done_callback(self._endings.discard)
+
+    def release_request(self, session_id: str) -> None:
+        """Another server takes the session over: close our socket on it with 4000; its wind-down stores what
+        we had, and the lease is let go once every write has landed."""
+        session = self._sessions.get(session_id)
+        if session is not None and session.connection is not None:
+            task = asyncio.create_task(session.connection.replace(), name=f"release:{session_id}")
             self._endings.add(task)
             task.add_done_callback(self._endings.discard)
 

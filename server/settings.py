@@ -177,6 +177,7 @@ class Settings:
     summary_retry_base_s: float = field(default=5.0, metadata=_env("SUMMARY_RETRY_BASE_S", _positive_float))
     summary_job_timeout_s: float = field(default=300.0, metadata=_env("SUMMARY_JOB_TIMEOUT_S", _positive_float))
     session_stale_s: float = field(default=900.0, metadata=_env("SESSION_STALE_S", _positive_float))
+    takeover_wait_s: float = field(default=5.0, metadata=_env("TAKEOVER_WAIT_S", _positive_float))
     presence_ttl_s: float = field(default=60.0, metadata=_env("PRESENCE_TTL_S", _positive_float))
     worker_metrics_port: int = field(default=9191, metadata=_env("WORKER_METRICS_PORT", _port_or_zero))
     sweep_batch: int = field(default=200, metadata=_env("SWEEP_BATCH", _positive_int))

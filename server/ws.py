@@ -12,7 +12,7 @@ from . import protocol
 from .auth import AuthError, origin_allowed, token_from
 from .connection import Connection
 from .errors import Forbidden, StoreError
-from .keys import AUTH, HUB, LLM_CLIENT, METRICS, SETTINGS, SOCKETS
+from .keys import AUTH, HUB, LLM_CLIENT, METRICS, PRESENCE, SETTINGS, SOCKETS
 from .protocol import http_error
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
                 # Before anything touches the session: a stranger must not even close its owner's socket.
                 if identity is not None:
                     await hub.check_owner(session, identity.user_id)
+                # One server per session: another server holding it closes its socket (4000) and lets go.
+                await app[PRESENCE].claim(session_id)
                 if session.connection is not None:
                     await session.connection.replace()
                 opened, history = await hub.open(session, owner_id=user_id)
