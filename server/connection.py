@@ -85,6 +85,7 @@ class Connection:
         self._started = time.monotonic()
         self._last_frame = asyncio.get_running_loop().time()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._close_sent: int | None = None
 
     # Life cycle.
 
@@ -124,6 +125,8 @@ class Connection:
         self._spawn(self.close(WSCloseCode.POLICY_VIOLATION, "the access token expired"))
 
     async def close(self, code: int, message: str) -> None:
+        # Recorded: after the handshake aiohttp reports the client's reply (usually 1000), not our reason.
+        self._close_sent = code
         await self._ws.close(code=code, message=message.encode())
 
     async def _wind_down(self, on_closed: Callable[[], None]) -> None:
@@ -136,7 +139,8 @@ class Connection:
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
         self._waiting.clear()
-        self.session.last_event = self._record(DISCONNECTED, None, {"close_code": self._ws.close_code})
+        close_code = self._close_sent or self._ws.close_code
+        self.session.last_event = self._record(DISCONNECTED, None, {"close_code": close_code})
         self.session.ended_at = datetime.now(UTC)
         if self.session.connection is self:
             self.session.connection = None
@@ -149,7 +153,7 @@ class Connection:
             extra={
                 "fields": {
                     "session_id": self.session.id,
-                    "close_code": self._ws.close_code,
+                    "close_code": close_code,
                     "messages": self._messages,
                     "duration_s": round(time.monotonic() - self._started, 3),
                 }

@@ -84,6 +84,9 @@ def parse_frame(text: str, *, max_message_bytes: int) -> ClientFrame:
                 raise ProtocolError(INVALID_MESSAGE, '"client_msg_id" must be a non-empty string')
             if len(client_msg_id) > MAX_CLIENT_MSG_ID:
                 raise ProtocolError(INVALID_MESSAGE, f'"client_msg_id" is longer than {MAX_CLIENT_MSG_ID} characters')
+            if "\x00" in client_msg_id:
+                # PostgreSQL text cannot hold NUL: the id could not be stored as sent, nor a retry recognised.
+                raise ProtocolError(INVALID_MESSAGE, '"client_msg_id" contains a NUL character')
         return _user_message(body, client_msg_id, max_message_bytes)
     if kind == "cancel":
         return _CANCEL

@@ -156,6 +156,10 @@ class Hub:
             if session.ended_at is not None:
                 await self._record_end(session.id, session.ended_at)
                 last_event_id = await self._last_event_id(session)
+            # A reconnect may have checked the session out while the end was being recorded: it is waiting
+            # for this lock and will reopen the session (clearing the end time), so the session stays ours.
+            if session.users > 0:
+                return
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
                 self._presence.release(session.id)

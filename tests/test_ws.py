@@ -404,6 +404,9 @@ async def test_a_newer_connection_takes_the_session_over(client, db):
     assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4000)
     assert (await ask(second, "still here"))["done"]["status"] == "completed"
     await second.close()
+    # The first connection's end is recorded with the reason the server gave.
+    first_end = (await db.fetch("select metadata from session_events where event_type = 'disconnected' order by id"))[0]
+    assert orjson.loads(first_end["metadata"])["close_code"] == 4000
 
 
 async def test_the_offline_demo_model_answers_when_no_provider_is_configured(make_client, db):
