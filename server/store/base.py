@@ -14,6 +14,18 @@ DISCONNECTED: Final = "disconnected"
 MESSAGE_TYPES: Final = (USER_MESSAGE, AI_MESSAGE)
 
 
+def without_nul(value: Any) -> Any:
+    """`value` with NUL replaced by U+FFFD in every string. PostgreSQL text and jsonb cannot hold NUL at all;
+    every backend applies this so that all of them read back alike."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nul(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class NewEvent:
     """An event to append. `event_key` is unique per session, so writing the same event twice stores it once."""

@@ -15,7 +15,7 @@ from asyncpg import exceptions as pg
 from asyncpg.pool import PoolConnectionProxy
 
 from ..errors import StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState
+from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
 from .migrate import migrate_postgres
 
 # Errors after which the same call may succeed: the server is restarting, refusing or unreachable,
@@ -137,17 +137,6 @@ def _mapped_errors() -> Iterator[None]:
         raise StoreError(message) from e
 
 
-def _no_nul(value: Any) -> Any:
-    """`value` with NUL replaced by U+FFFD in every string: PostgreSQL text and jsonb cannot hold NUL at all."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_nul(v) for v in value]
-    return value
-
-
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -249,11 +238,11 @@ class PostgresStore:
             columns = (
                 [e.session_id for e in events],
                 [e.event_type for e in events],
-                [_no_nul(e.content) for e in events],
+                [without_nul(e.content) for e in events],
                 [e.created_at for e in events],
-                [_no_nul(e.client_msg_id) for e in events],
+                [without_nul(e.client_msg_id) for e in events],
                 [e.event_key for e in events],
-                [_json(_no_nul(e.metadata)) for e in events],
+                [_json(without_nul(e.metadata)) for e in events],
             )
             rows = await conn.fetch(_APPEND, *columns)
             ids = {(r["session_id"], r["event_key"]): r["id"] for r in rows}
@@ -317,7 +306,7 @@ class PostgresStore:
 
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
         async with self._connection() as conn:
-            status = await conn.execute(_SAVE_SUMMARY, session_id, _no_nul(summary), through_event_id, end_time)
+            status = await conn.execute(_SAVE_SUMMARY, session_id, without_nul(summary), through_event_id, end_time)
         return bool(status == "UPDATE 1")
 
     async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:

@@ -14,7 +14,7 @@ import aiosqlite
 import orjson
 
 from ..errors import StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState
+from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
 from .migrate import migrate_sqlite
 
 # Primary result codes after which the same call may succeed: another process holds the lock, or the
@@ -49,17 +49,6 @@ def _mapped_errors() -> Iterator[None]:
         raise StoreError(message) from e
     except (UnicodeError, orjson.JSONEncodeError) as e:
         raise StoreError(f"SQLite: {type(e).__name__}: {e}") from e
-
-
-def _no_nul(value: Any) -> Any:
-    """`value` with NUL replaced by U+FFFD in every string, as PostgresStore must: both backends read back alike."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_nul(v) for v in value]
-    return value
 
 
 def _ts(value: datetime) -> str:
@@ -224,11 +213,11 @@ class SQLiteStore:
                 params = (
                     e.session_id,
                     e.event_type,
-                    _no_nul(e.content),
+                    without_nul(e.content),
                     _ts(e.created_at),
-                    _no_nul(e.client_msg_id),
+                    without_nul(e.client_msg_id),
                     e.event_key,
-                    orjson.dumps(_no_nul(e.metadata)).decode(),
+                    orjson.dumps(without_nul(e.metadata)).decode(),
                 )
                 rows = list(
                     await db.execute_fetchall(
@@ -301,7 +290,14 @@ class SQLiteStore:
                 "update sessions set summary = ?, summarized_through = ?, summary_updated_at = ?,"
                 " end_time = coalesce(end_time, ?)"
                 " where session_id = ? and (summarized_through is null or summarized_through <= ?)",
-                (summary, through_event_id, _ts(datetime.now(UTC)), _ts(end_time), session_id, through_event_id),
+                (
+                    without_nul(summary),
+                    through_event_id,
+                    _ts(datetime.now(UTC)),
+                    _ts(end_time),
+                    session_id,
+                    through_event_id,
+                ),
             )
             return cursor.rowcount == 1
 

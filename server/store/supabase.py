@@ -14,7 +14,7 @@ from postgrest.types import ReturnMethod
 from supabase import AsyncClient, AsyncClientOptions, AsyncSupabaseException, acreate_client
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState
+from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
 
 T = TypeVar("T")
 
@@ -77,17 +77,6 @@ def _mapped_errors() -> Iterator[None]:
     except (httpx.HTTPError, ValueError, TypeError, KeyError) as e:
         # Includes a value JSON cannot carry (UnicodeError, NaN) and an answer of an unexpected shape.
         raise StoreError(f"Supabase: {type(e).__name__}: {_describe(str(e))}") from e
-
-
-def _no_nul(value: Any) -> Any:
-    """`value` with NUL replaced by U+FFFD in every string: PostgreSQL text and jsonb cannot hold NUL at all."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_nul(v) for v in value]
-    return value
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -212,11 +201,11 @@ class SupabaseStore:
             {
                 "session_id": e.session_id,
                 "event_type": e.event_type,
-                "content": _no_nul(e.content),
+                "content": without_nul(e.content),
                 "created_at": _ts(e.created_at),
-                "client_msg_id": _no_nul(e.client_msg_id),
+                "client_msg_id": without_nul(e.client_msg_id),
                 "event_key": e.event_key,
-                "metadata": _no_nul(e.metadata),
+                "metadata": without_nul(e.metadata),
             }
             for e in events
         ]
@@ -280,7 +269,7 @@ class SupabaseStore:
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
         params = {
             "p_session_id": session_id,
-            "p_summary": _no_nul(summary),
+            "p_summary": without_nul(summary),
             "p_through_event_id": through_event_id,
             "p_end_time": _ts(end_time),
         }
