@@ -114,7 +114,11 @@ class OpenAILLM:
         async with AsyncExitStack() as stack:
             request = self._client.chat.completions.with_streaming_response.create(
                 model=self.model,
-                messages=messages,
+                # The conversation goes in `extra_body`, which the client sends as it is: passed as `messages`,
+                # the client walks every message through its type transforms, about 0.1 ms of event-loop time
+                # per message per request (24 ms for a 200-message context), stalling every other stream.
+                messages=[],
+                extra_body={"messages": messages},
                 stream=True,
                 stream_options={"include_usage": True},
                 max_tokens=openai.omit if max_tokens is None else max_tokens,
