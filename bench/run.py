@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import resource
 import socket
 import sys
@@ -191,15 +192,20 @@ async def _converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn
             turn.stored = time.time()
 
 
-async def relay(stack: Stack, *, sessions: int, label: str) -> dict[str, Any]:
-    """Each of `sessions` concurrent sessions sends one message and reads the whole answer."""
+async def relay(stack: Stack, *, sessions: int, label: str, spread_s: float = 0.0) -> dict[str, Any]:
+    """Each of `sessions` concurrent sessions sends one message and reads the whole answer; with `spread_s`, the
+    messages arrive at random times over that many seconds (while the others stream) instead of all at once."""
     sockets = await asyncio.gather(*(_open(stack, f"{label}-{i}") for i in range(sessions)))
     turns = [Turn() for _ in range(sessions)]
+    rng = random.Random(sessions)
+
+    async def later(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn) -> None:
+        await asyncio.sleep(rng.uniform(0, spread_s))
+        await _converse(ws, marker, turn)
+
     cpu0 = _proc_cpu_s(stack.server.pid)
     started = time.perf_counter()
-    await asyncio.gather(
-        *(_converse(ws, f"{label}-{i}", t) for i, (ws, t) in enumerate(zip(sockets, turns, strict=True)))
-    )
+    await asyncio.gather(*(later(ws, f"{label}-{i}", t) for i, (ws, t) in enumerate(zip(sockets, turns, strict=True))))
     elapsed = time.perf_counter() - started
     cpu = _proc_cpu_s(stack.server.pid) - cpu0
     await asyncio.gather(*(ws.close() for ws in sockets))
@@ -281,6 +287,9 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=50, help="tokens per answer in the latency runs")
     parser.add_argument("--gap-ms", type=float, default=20, help="upstream pace between tokens")
     parser.add_argument("--ttft-ms", type=float, default=100, help="upstream time to first token")
+    parser.add_argument(
+        "--spread-s", type=float, default=2.0, help="also run each level with arrivals spread over this many seconds"
+    )
     parser.add_argument("--throughput-sessions", type=int, default=200)
     parser.add_argument("--throughput-tokens", type=int, default=500)
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections for the memory run")
@@ -296,15 +305,20 @@ async def main(argv: list[str]) -> int:
         await stack.pace(tokens=args.tokens, ttft_s=args.ttft_ms / 1000, gap_s=args.gap_ms / 1000)
         base = await floor(stack, streams=1)
         print(f"\nfloor (direct to upstream): time-to-first-token overhead p50 {_ms(base['ttft_overhead_p50'])}")
-        print("\nadded latency (first delta out minus the upstream's own time to first token)")
+        print("\nadded latency (first delta out minus the upstream's own time to first token);")
+        print("'100~2s': 100 sessions whose messages arrive spread over 2 s while the others stream")
         print(
             f"{'sessions':>9} {'server p50':>12} {'server p99':>12} {'client p50':>12} {'client p99':>12}"
             f" {'stored p50':>12} {'stored p99':>12}"
         )
-        for run_no, level in enumerate(int(x) for x in args.sessions.split(",") if x):
-            r = await relay(stack, sessions=level, label=f"lat{run_no}x{level}")
+        runs = [(int(x), 0.0) for x in args.sessions.split(",") if x]
+        if args.spread_s:
+            runs += [(int(x), args.spread_s) for x in args.sessions.split(",") if x and int(x) > 1]
+        for run_no, (level, spread) in enumerate(runs):
+            r = await relay(stack, sessions=level, label=f"lat{run_no}x{level}", spread_s=spread)
+            name = f"{level}" if not spread else f"{level}~{spread:g}s"
             print(
-                f"{level:>9} {_ms(r['server_added_p50']):>12} {_ms(r['server_added_p99']):>12}"
+                f"{name:>9} {_ms(r['server_added_p50']):>12} {_ms(r['server_added_p99']):>12}"
                 f" {_ms(r['client_added_p50']):>12} {_ms(r['client_added_p99']):>12}"
                 f" {_ms(r['stored_lag_p50']):>12} {_ms(r['stored_lag_p99']):>12}"
             )

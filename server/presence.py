@@ -128,10 +128,12 @@ class Presence:
     async def _listen(self) -> None:
         while True:
             try:
-                async with self._redis.pubsub() as pubsub:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(RELEASE_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
+                    while True:
+                        # A short wait, well inside the client's socket timeout: a quiet channel is not an error.
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is None or message.get("type") != "message":
                             continue
                         data = message["data"]
                         session_id = data.decode() if isinstance(data, bytes) else str(data)
