@@ -51,7 +51,7 @@ async def browser() -> AsyncIterator[Browser]:
     """One Chromium for the module; `launch` gives it a fresh, throwaway profile."""
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(
-            f"{CHROMIUM} not found: `make test` installs it (scripts/ensure-chromium.sh), or: apt-get install chromium",
+            f"{CHROMIUM} not found: `make test` installs it (scripts/ensure-packages.sh), or: apt-get install chromium",
             pytrace=False,
         )
     async with async_playwright() as playwright:

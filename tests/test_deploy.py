@@ -17,7 +17,7 @@ from server.settings import REPO_ROOT
 def compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.fail("docker-compose is not installed: `make test` installs it (scripts/ensure-docker-compose.sh)")
+        pytest.fail("docker-compose is not installed: `make test` installs it (scripts/ensure-packages.sh)")
     # Only PATH: a developer's own OPENAI_API_KEY or .env must not leak into what is checked.
     clean = {"PATH": os.environ["PATH"], **env}
     return subprocess.run(
