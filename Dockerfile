@@ -21,7 +21,9 @@ COPY server ./server
 COPY worker ./worker
 COPY web ./web
 COPY sql ./sql
-RUN mkdir -p /app/data && chown app /app/data
+# data/ holds the SQLite file when no database is configured, and data/spool the writes a down database could
+# not take yet (a volume in docker-compose.yml, so they outlive the container).
+RUN mkdir -p /app/data/spool && chown -R app /app/data
 
 USER app
 EXPOSE 8001

@@ -73,6 +73,7 @@ async def _hub(app: web.Application) -> AsyncIterator[None]:
     presence = Presence(app[REDIS], ttl_s=settings.presence_ttl_s, takeover_wait_s=settings.takeover_wait_s)
     hub = Hub(app[STORE], app[METRICS], settings, redis=app[REDIS], presence=presence)
     presence.on_release_request(hub.release_request)
+    hub.start()
     refresher = asyncio.create_task(presence.run(), name="presence")
     app[HUB] = hub
     app[PRESENCE] = presence

@@ -53,6 +53,9 @@ class Metrics:
             "rt_store_events_dropped_total", "Events the store refused permanently", registry=r
         )
         self.pending_writes = Gauge("rt_store_pending_events", "Events accepted but not yet committed", registry=r)
+        self.spooled_events = Gauge(
+            "rt_spooled_events", "Events waiting in the local spool for the store to come back", registry=r
+        )
 
         self.summary_jobs_enqueued = Counter(
             "rt_summary_jobs_enqueued_total", "Summary jobs handed to the queue", registry=r

@@ -16,6 +16,7 @@ from .jobs import enqueue_summary
 from .metrics import Metrics
 from .presence import Presence
 from .settings import Settings
+from .spool import Pending, Spool
 from .store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
 from .writer import EventWriter
 
@@ -66,6 +67,13 @@ class Hub:
         self._endings: set[asyncio.Task[None]] = set()
         self._connections = 0
         self._per_user: dict[str, int] = {}
+        self.spool = Spool(settings.spool_dir, store, metrics, retry_max_s=settings.store_retry_max_s)
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Replay what an earlier run spooled, and start watching for writes the store does not take."""
+        self.spool.open()
+        self._watchdog = asyncio.create_task(self._watch_writes(), name="spool-watchdog")
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -96,7 +104,11 @@ class Hub:
         session = self._sessions.get(session_id)
         if session is None:
             writer = EventWriter(
-                self._store, self._metrics, session_id=session_id, max_backoff_s=self._settings.store_retry_max_s
+                self._store,
+                self._metrics,
+                session_id=session_id,
+                max_backoff_s=self._settings.store_retry_max_s,
+                gate=self.spool.clear,
             )
             context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
             session = self._sessions[session_id] = Session(session_id, writer=writer, context=context)
@@ -134,6 +146,12 @@ class Hub:
         also holds what is not yet stored; otherwise the context is rebuilt from the store.
         """
         await session.writer.drain(within_s=self._settings.store_connect_timeout_s)
+        try:
+            # Spooled events go first: a context read before they land would miss them.
+            async with asyncio.timeout(self._settings.store_connect_timeout_s):
+                await self.spool.clear.wait()
+        except TimeoutError:
+            raise StoreUnavailable("spooled writes are still being replayed") from None
         async with asyncio.timeout(self._settings.store_connect_timeout_s):
             opened = await self._store.open_session(session.id, owner_id=owner_id, now=datetime.now(UTC))
             if owner_id is not None and opened.record.owner_id != owner_id:
@@ -216,15 +234,44 @@ class Hub:
         await asyncio.sleep(0)
 
     async def close(self, *, within_s: float) -> None:
-        """Process shutdown: give pending writes `within_s` to land, then give up on the rest, loudly."""
+        """Process shutdown: give pending writes `within_s` to land, then spool the rest for the next start."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         if self._endings:
             _, late = await asyncio.wait(set(self._endings), timeout=within_s)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        lost = 0
-        for session in list(self._sessions.values()):
-            lost += await session.writer.abandon()
-        if lost:
+        if not await self.spill():
+            lost = 0
+            for session in list(self._sessions.values()):
+                lost += await session.writer.abandon()
             log.error("events not stored at shutdown", extra={"fields": {"events": lost}})
         self._sessions.clear()
+        await self.spool.close()
+
+    async def spill(self) -> bool:
+        """Move every pending write to the spool, in order; False (and nothing moved) if the disk refused."""
+        writers = [s.writer for s in self._sessions.values() if s.writer.pending]
+        items: list[Pending] = []
+        for writer in writers:
+            items += writer.take()
+        if await self.spool.spill(items):
+            return True
+        for writer in writers:
+            writer.restore([item for item in items if item[0].session_id == writer.session_id])
+        return False
+
+    async def _watch_writes(self) -> None:
+        """Spill when a write has waited SPOOL_AFTER_S or SPOOL_MAX_PENDING events pile up in memory."""
+        limit_s, limit_events = self._settings.spool_after_s, self._settings.spool_max_pending
+        while True:
+            await asyncio.sleep(min(1.0, limit_s / 4))
+            writers = [s.writer for s in self._sessions.values() if s.writer.pending]
+            oldest = min((w.oldest_pending for w in writers if w.oldest_pending is not None), default=None)
+            if oldest is None:
+                continue
+            waited_s = (datetime.now(UTC) - oldest).total_seconds()
+            if waited_s >= limit_s or sum(w.pending for w in writers) >= limit_events:
+                await self.spill()

@@ -160,6 +160,10 @@ class Settings:
     redis_url: str = field(default="redis://localhost:6379", metadata=_env("REDIS_URL", _redis_url))
     store_retry_max_s: float = field(default=5.0, metadata=_env("STORE_RETRY_MAX_S", _positive_float))
     store_connect_timeout_s: float = field(default=5.0, metadata=_env("STORE_CONNECT_TIMEOUT_S", _positive_float))
+    # Writes the store cannot take for SPOOL_AFTER_S, or past SPOOL_MAX_PENDING events, move to files here.
+    spool_dir: Path = field(default=Path("data/spool"), metadata=_env("SPOOL_DIR", Path))
+    spool_after_s: float = field(default=10.0, metadata=_env("SPOOL_AFTER_S", _positive_float))
+    spool_max_pending: int = field(default=50_000, metadata=_env("SPOOL_MAX_PENDING", _positive_int))
 
     # Post-session summaries.
     summary_delay_s: float = field(default=0.0, metadata=_env("SUMMARY_DELAY_S", _non_negative_float))

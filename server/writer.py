@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+from datetime import datetime
 
 from .errors import StoreError, StoreUnavailable
 from .metrics import Metrics
@@ -23,22 +24,41 @@ class EventWriter:
     resolves with its id once committed. A store that is unreachable is retried with capped backoff,
     forever, in order (events are idempotent by key, so a retry after an ambiguous failure is safe);
     an event the store refuses outright is logged, counted and its future fails, so one bad row
-    cannot hold back the rest of the session.
+    cannot hold back the rest of the session. While `gate` is clear (the spool holds older events that
+    must land first) nothing is written.
     """
 
-    def __init__(self, store: Store, metrics: Metrics, *, session_id: str, max_backoff_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        session_id: str,
+        max_backoff_s: float,
+        gate: asyncio.Event | None = None,
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._session_id = session_id
         self._max_backoff_s = max_backoff_s
+        self._gate = gate
         self._queue: list[tuple[NewEvent, asyncio.Future[int]]] = []
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
     @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    @property
     def pending(self) -> int:
         return len(self._queue)
+
+    @property
+    def oldest_pending(self) -> datetime | None:
+        """When the oldest event still waiting for the store was accepted."""
+        return self._queue[0][0].created_at if self._queue else None
 
     def submit(self, event: NewEvent) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -58,6 +78,27 @@ class EventWriter:
             return False
         return True
 
+    def take(self) -> list[tuple[NewEvent, asyncio.Future[int]]]:
+        """Hand every pending event, with its future, to the spool; a write in flight is cancelled (the spool's
+        replay is idempotent, so it does not matter whether it landed)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        taken, self._queue = self._queue, []
+        self._metrics.pending_writes.dec(len(taken))
+        self._idle.set()
+        return taken
+
+    def restore(self, items: list[tuple[NewEvent, asyncio.Future[int]]]) -> None:
+        """Put back what `take` handed out (the spool could not keep it), ahead of anything newer."""
+        if not items:
+            return
+        self._queue[:0] = items
+        self._metrics.pending_writes.inc(len(items))
+        if self._task is None:
+            self._idle.clear()
+            self._task = asyncio.create_task(self._run(), name=f"writer:{self._session_id}")
+
     async def abandon(self) -> int:
         """Stop retrying (process shutdown past its flush deadline); return how many events stay unwritten."""
         if self._task is not None:
@@ -72,16 +113,23 @@ class EventWriter:
         return left
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         try:
             while self._queue:
+                if self._gate is not None:
+                    await self._gate.wait()
+                    if not self._queue:
+                        break
                 batch = self._queue[:MAX_BATCH]
                 await self._write(batch)
                 del self._queue[: len(batch)]
                 self._metrics.pending_writes.dec(len(batch))
         finally:
-            self._task = None
-            if not self._queue:
-                self._idle.set()
+            # `take` may have let this task go and a newer one may run already.
+            if self._task is me:
+                self._task = None
+                if not self._queue:
+                    self._idle.set()
 
     async def _write(self, batch: list[tuple[NewEvent, asyncio.Future[int]]]) -> None:
         attempt = 0

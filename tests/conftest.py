@@ -8,7 +8,9 @@ import dataclasses
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -159,7 +161,9 @@ async def fake_llm(_fake_llm_server: FakeOpenAI) -> FakeOpenAI:
 
 
 @pytest.fixture
-def settings(db: asyncpg.Connection, redis: Redis, fake_llm: FakeOpenAI, pg_url: str, redis_url: str) -> Settings:
+def settings(
+    db: asyncpg.Connection, redis: Redis, fake_llm: FakeOpenAI, pg_url: str, redis_url: str, tmp_path: Path
+) -> Settings:
     return Settings(
         database_url=pg_url,
         redis_url=redis_url,
@@ -175,6 +179,7 @@ def settings(db: asyncpg.Connection, redis: Redis, fake_llm: FakeOpenAI, pg_url:
         shutdown_drain_s=1.0,
         worker_metrics_port=0,
         shutdown_flush_s=5.0,
+        spool_dir=tmp_path / "spool",
     )
 
 
@@ -255,6 +260,8 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "OPENAI_MODEL": "fake-model",
         "LOG_LEVEL": "INFO",
         "WORKER_METRICS_PORT": "0",
+        # Every process a spool of its own, unless the test shares one on purpose.
+        "SPOOL_DIR": tempfile.mkdtemp(prefix="spool-"),
     }
     env.update(extra)
     return env

@@ -1,0 +1,181 @@
+"""Pending writes kept on local disk while the store is away, and replayed in order once it is back.
+
+The writers keep events in memory and retry; when the store stays down longer than memory should hold them
+(`SPOOL_AFTER_S`, `SPOOL_MAX_PENDING`) or the process stops before they land, the hub moves them here. A segment
+is a file of JSON lines, fsynced and renamed into place, so one that exists is whole. Segments are replayed oldest
+first, before any writer may write again (the `clear` gate), so every session keeps its order; the replay is
+idempotent by event key, so a segment replayed twice (a crash mid-replay) stores each event once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+
+from .errors import ConfigError
+from .metrics import Metrics
+from .store import NewEvent, Store
+from .writer import EventWriter
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = ".jsonl"
+_PARTIAL = ".partial"
+
+Pending = tuple[NewEvent, "asyncio.Future[int]"]
+
+
+class Spool:
+    """One server process's spool directory. Two live processes must not share one."""
+
+    def __init__(self, directory: Path, store: Store, metrics: Metrics, *, retry_max_s: float) -> None:
+        self._dir = directory
+        self._store = store
+        self._metrics = metrics
+        self._retry_max_s = retry_max_s
+        # Writers wait on this: set while no segment waits to be replayed.
+        self.clear = asyncio.Event()
+        # The futures of this process's spooled events, resolved when the replay commits them.
+        self._futures: dict[tuple[str, str], asyncio.Future[int]] = {}
+        self._spilling = 0
+        self._replayer: asyncio.Task[None] | None = None
+
+    def open(self) -> None:
+        """Check the directory can be written, and replay what an earlier process left."""
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            probe = self._dir / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"SPOOL_DIR {str(self._dir)!r} cannot be written: {e.strerror or e}") from e
+        left = self._segments()
+        if left:
+            log.warning("replaying spooled writes of an earlier run", extra={"fields": {"segments": len(left)}})
+            self._start_replay()
+        else:
+            self.clear.set()
+
+    async def spill(self, items: list[Pending]) -> bool:
+        """Write `items` (in order) to a new segment and stop the writers until it is replayed.
+
+        False when the disk refused: the caller keeps the events in memory."""
+        if not items:
+            return True
+        self.clear.clear()
+        self._spilling += 1
+        try:
+            await asyncio.to_thread(self._write_segment, [event for event, _ in items])
+        except OSError as e:
+            log.error("could not spool pending writes", extra={"fields": {"events": len(items), "error": str(e)}})
+            return False
+        finally:
+            self._spilling -= 1
+            self._start_replay()
+        for event, future in items:
+            self._futures[(event.session_id, event.event_key)] = future
+        self._metrics.spooled_events.inc(len(items))
+        log.warning(
+            "store unavailable: pending writes spooled to disk",
+            extra={"fields": {"events": len(items), "spool_dir": str(self._dir)}},
+        )
+        return True
+
+    async def close(self) -> None:
+        if self._replayer is not None:
+            self._replayer.cancel()
+            await asyncio.gather(self._replayer, return_exceptions=True)
+        for future in self._futures.values():
+            future.cancel()
+        self._futures.clear()
+
+    def _start_replay(self) -> None:
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.create_task(self._replay(), name="spool-replay")
+
+    async def _replay(self) -> None:
+        writer = EventWriter(self._store, self._metrics, session_id="(spool)", max_backoff_s=self._retry_max_s)
+        while True:
+            segments = self._segments()
+            if not segments:
+                # A spill still writing its segment will start another replay when it is done.
+                if not self._spilling:
+                    self.clear.set()
+                return
+            for path in segments:
+                events = await asyncio.to_thread(_read_segment, path)
+                for event in events:
+                    self._settle(event, writer.submit(event))
+                await writer.drain()
+                await asyncio.to_thread(_remove, path)
+                self._metrics.spooled_events.dec(len(events))
+                log.info("spooled writes replayed", extra={"fields": {"events": len(events), "segment": path.name}})
+
+    def _settle(self, event: NewEvent, written: asyncio.Future[int]) -> None:
+        waiting = self._futures.pop((event.session_id, event.event_key), None)
+        if waiting is None:
+            # Spooled by an earlier process: nobody waits; mark the outcome retrieved.
+            written.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return
+
+        def done(f: asyncio.Future[int]) -> None:
+            if waiting.done():
+                return
+            if f.cancelled():
+                waiting.cancel()
+            elif (error := f.exception()) is not None:
+                waiting.set_exception(error)
+                waiting.exception()
+            else:
+                waiting.set_result(f.result())
+
+        written.add_done_callback(done)
+
+    def _segments(self) -> list[Path]:
+        # Names start with a nanosecond clock, so name order is spill order.
+        return sorted(p for p in self._dir.iterdir() if p.suffix in (_SUFFIX, _PARTIAL))
+
+    def _write_segment(self, events: list[NewEvent]) -> None:
+        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+        partial = self._dir / (name + _PARTIAL)
+        with open(partial, "wb") as f:
+            for event in events:
+                f.write(orjson.dumps(event))
+                f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        partial.rename(self._dir / (name + _SUFFIX))
+        _fsync_dir(self._dir)
+
+
+def _read_segment(path: Path) -> list[NewEvent]:
+    """The events of a segment. A `.partial` one was cut by a crash mid-spill: its whole lines are kept."""
+    events = []
+    for line in path.read_bytes().splitlines():
+        try:
+            fields = orjson.loads(line)
+            fields["created_at"] = datetime.fromisoformat(fields["created_at"])
+            events.append(NewEvent(**fields))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.error("unreadable line in a spool segment skipped", extra={"fields": {"segment": path.name}})
+    return events
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
