@@ -20,6 +20,7 @@ from .errors import LLMError, ProtocolError
 from .llm import LLM, StreamStats
 from .metrics import Metrics
 from .protocol import Cancel, Ping, UserMessage
+from .ratelimit import TokenBucket, UserRateLimiter
 from .sessions import Session
 from .settings import Settings
 from .store import AI_MESSAGE, CONNECTED, DISCONNECTED, USER_MESSAGE, NewEvent
@@ -41,32 +42,23 @@ class _ClientGone(Exception):
     """The socket closed while an answer was streaming to it."""
 
 
-class _RateLimiter:
-    """A token bucket: `per_minute` messages a minute, in bursts of up to that many."""
-
-    def __init__(self, per_minute: int) -> None:
-        self._capacity = float(per_minute)
-        self._rate = per_minute / 60.0
-        self._tokens = self._capacity
-        self._at = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
 class Connection:
     """Owns one socket for the life of the connection. Only `run` reads the socket; any task may send."""
 
     def __init__(
-        self, session: Session, ws: web.WebSocketResponse, *, llm: LLM, settings: Settings, metrics: Metrics
+        self,
+        session: Session,
+        ws: web.WebSocketResponse,
+        *,
+        llm: LLM,
+        settings: Settings,
+        metrics: Metrics,
+        user_id: str | None = None,
+        user_rate: UserRateLimiter | None = None,
     ) -> None:
         self.session = session
+        self._user_id = user_id
+        self._user_rate = user_rate
         self._ws = ws
         self._llm = llm
         self._settings = settings
@@ -80,7 +72,7 @@ class Connection:
         self._draining = False
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._limiter = _RateLimiter(settings.messages_per_minute)
+        self._limiter = TokenBucket(settings.messages_per_minute)
         self._messages = 0
         self._started = time.monotonic()
         self._last_frame = asyncio.get_running_loop().time()
@@ -221,8 +213,22 @@ class Connection:
             # An idempotent retry: acknowledge again, never store or answer twice.
             self._ack_when_stored(session.client_msgs[cmid], lambda i: protocol.user_message_stored(i, cmid))
             return
+        if session.turns >= self._settings.max_turns_per_session:
+            # The protocol has no code of its own for this; `rate_limited` with a message that says which limit.
+            limit = self._settings.max_turns_per_session
+            await self._reject(
+                ProtocolError(
+                    protocol.RATE_LIMITED, f"this session has reached its limit of {limit} turns; start a new session"
+                )
+            )
+            return
         if not self._limiter.allow():
             await self._reject(ProtocolError(protocol.RATE_LIMITED, "too many messages; slow down and try again"))
+            return
+        if self._user_id is not None and self._user_rate is not None and not self._user_rate.allow(self._user_id):
+            await self._reject(
+                ProtocolError(protocol.RATE_LIMITED, "too many messages from this user across connections; slow down")
+            )
             return
         if self._runner_busy() and len(self._waiting) >= self._settings.max_pending_messages:
             await self._reject(ProtocolError(protocol.BUSY, "too many messages are waiting for an answer"))
@@ -234,6 +240,7 @@ class Connection:
             stored.add_done_callback(lambda f: self._settle_client_msg(cmid, f))
         self._ack_when_stored(stored, lambda i: protocol.user_message_stored(i, cmid))
         self._messages += 1
+        session.turns += 1
         self._metrics.messages_accepted.inc()
 
         self._waiting.append(_Turn(message.text, cmid, time.time()))

@@ -15,6 +15,7 @@ from .errors import Forbidden, StoreError, StoreUnavailable
 from .jobs import enqueue_summary
 from .metrics import Metrics
 from .presence import Presence
+from .ratelimit import UserRateLimiter
 from .settings import Settings
 from .spool import Pending, Spool
 from .store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
@@ -43,6 +44,8 @@ class Session:
         # Held while a connection attaches and while the session is being ended, so the two never cross.
         self.lock = asyncio.Lock()
         self.users = 0
+        # User messages accepted over the session's whole life, for MAX_TURNS_PER_SESSION.
+        self.turns = 0
 
     def remember(self, history: list[StoredEvent]) -> None:
         self.context.load(history)
@@ -68,6 +71,7 @@ class Hub:
         self._connections = 0
         self._per_user: dict[str, int] = {}
         self.spool = Spool(settings.spool_dir, store, metrics, retry_max_s=settings.store_retry_max_s)
+        self.user_rate = UserRateLimiter(redis, settings.user_messages_per_minute)
         self._watchdog: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -98,6 +102,7 @@ class Hub:
                 self._per_user[user_id] = left
             else:
                 del self._per_user[user_id]
+                self.user_rate.forget(user_id)
 
     def checkout(self, session_id: str) -> Session:
         """The session's live state, created if needed; every checkout is paired with a `checkin`."""
@@ -158,10 +163,19 @@ class Hub:
                 # Someone else created it between check_owner and here.
                 raise Forbidden(f"session {session.id!r} belongs to another user")
             history = await self._store.events(session.id, types=MESSAGE_TYPES, limit=self._settings.history_limit)
+            if not session.loaded:
+                session.turns = await self._count_turns(session.id, history)
         if not session.loaded:
             session.remember(history)
         session.ended_at = None
         return opened, history
+
+    async def _count_turns(self, session_id: str, history: list[StoredEvent]) -> int:
+        if len(history) < self._settings.history_limit:
+            return sum(e.event_type == USER_MESSAGE for e in history)
+        # A long session: every stored question has its stored answer, so the turns are half the messages.
+        record = await self._store.get_session(session_id)
+        return 0 if record is None or record.message_count is None else (record.message_count + 1) // 2
 
     async def _end(self, session: Session) -> None:
         """After the last connection: wait for every write, record the end time and ask for the summary,
@@ -250,6 +264,7 @@ class Hub:
             log.error("events not stored at shutdown", extra={"fields": {"events": lost}})
         self._sessions.clear()
         await self.spool.close()
+        await self.user_rate.close()
 
     async def spill(self) -> bool:
         """Move every pending write to the spool, in order; False (and nothing moved) if the disk refused."""

@@ -210,6 +210,8 @@ class Settings:
     max_frame_bytes: int = field(default=1024 * 1024, metadata=_env("MAX_FRAME_BYTES", _positive_int))
     max_pending_messages: int = field(default=8, metadata=_env("MAX_PENDING_MESSAGES", _non_negative_int))
     messages_per_minute: int = field(default=60, metadata=_env("MESSAGES_PER_MINUTE", _positive_int))
+    user_messages_per_minute: int = field(default=120, metadata=_env("USER_MESSAGES_PER_MINUTE", _positive_int))
+    max_turns_per_session: int = field(default=1000, metadata=_env("MAX_TURNS_PER_SESSION", _positive_int))
     idle_timeout_s: float = field(default=600.0, metadata=_env("IDLE_TIMEOUT_S", _non_negative_float))
     max_connections: int = field(default=10_000, metadata=_env("MAX_CONNECTIONS", _positive_int))
     max_connections_per_user: int = field(default=20, metadata=_env("MAX_CONNECTIONS_PER_USER", _positive_int))

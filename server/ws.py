@@ -79,7 +79,15 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
                 return _refuse(503, "store_unavailable", "the database is not answering; try again shortly")
             ws = web.WebSocketResponse(max_msg_size=settings.max_frame_bytes, heartbeat=settings.ws_heartbeat_s)
             await ws.prepare(request)
-            conn = Connection(session, ws, llm=app[LLM_CLIENT], settings=settings, metrics=metrics)
+            conn = Connection(
+                session,
+                ws,
+                llm=app[LLM_CLIENT],
+                settings=settings,
+                metrics=metrics,
+                user_id=user_id,
+                user_rate=hub.user_rate,
+            )
             session.connection = conn
             attached = True
     finally:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import jwt
 import pytest
 from aiohttp import WSMsgType
 
-from tests.conftest import receive, receive_until
+from tests.conftest import eventually, receive, receive_until, start_server
 from tests.fakes import openai_server as fake
 
 SECRET = "limits-test-secret-long-enough-for-hs256"
@@ -76,3 +77,85 @@ async def test_one_user_may_hold_only_so_many_connections(make_client):
     await receive(again)
     await bob.close()
     await again.close()
+
+
+async def _outcome(ws: aiohttp.ClientWebSocketResponse, text: str) -> dict[str, Any]:
+    """Send a message; its acceptance (`message.stored`) or its refusal (`error`), whichever comes."""
+    await ws.send_str(text)
+    while True:
+        event = await receive(ws, timeout=10)
+        if event["type"] == "error" or (event["type"] == "message.stored" and event["role"] == "user"):
+            return event
+
+
+async def test_a_session_takes_only_so_many_turns_also_after_a_reconnect(make_client):
+    client = await make_client(max_turns_per_session=2)
+    ws = await client.ws_connect("/ws/session/s1")
+    await receive(ws)
+    assert (await _outcome(ws, "one"))["type"] == "message.stored"
+    assert (await _outcome(ws, "two"))["type"] == "message.stored"
+    refused = await _outcome(ws, "three")
+    assert refused["code"] == "rate_limited" and "limit of 2 turns" in refused["message"]
+    await ws.close()
+
+    # The count lives with the session, not the socket: it is read back from the store.
+    await eventually(lambda: _ended(client, "s1"))
+    again = await client.ws_connect("/ws/session/s1")
+    await receive(again)
+    assert (await _outcome(again, "three, again"))["code"] == "rate_limited"
+    other = await client.ws_connect("/ws/session/s2")
+    await receive(other)
+    assert (await _outcome(other, "a new session"))["type"] == "message.stored"
+    await again.close()
+    await other.close()
+
+
+async def _ended(client: Any, session_id: str) -> bool:
+    resp = await client.get(f"/api/sessions/{session_id}")
+    return resp.status == 200 and (await resp.json())["end_time"] is not None
+
+
+async def test_a_user_is_rate_limited_across_their_connections(make_client):
+    client = await make_client(auth_jwt_secret=SECRET, user_messages_per_minute=3, messages_per_minute=100)
+    a = await client.ws_connect("/ws/session/a1", params={"access_token": token("alice")})
+    b = await client.ws_connect("/ws/session/a2", params={"access_token": token("alice")})
+    bob = await client.ws_connect("/ws/session/b1", params={"access_token": token("bob")})
+    for ws in (a, b, bob):
+        await receive(ws)
+    assert [(await _outcome(ws, "hi"))["type"] for ws in (a, b, a)] == ["message.stored"] * 3
+    refused = await _outcome(b, "one more")
+    assert refused["code"] == "rate_limited" and "across connections" in refused["message"]
+    # Each connection alone is far below its own limit, and other users are not affected.
+    assert (await _outcome(bob, "hi"))["type"] == "message.stored"
+    for ws in (a, b, bob):
+        await ws.close()
+
+
+async def test_a_user_is_rate_limited_across_server_processes(settings, fake_llm, redis):
+    if time.time() % 60 > 50:  # The shared count is per clock minute: do not straddle two.
+        await asyncio.sleep(61 - time.time() % 60)
+    env = {"AUTH_JWT_SECRET": SECRET, "USER_MESSAGES_PER_MINUTE": "3", "MESSAGES_PER_MINUTE": "100"}
+    servers = [await start_server(settings, **env) for _ in range(2)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            sockets = []
+            for i, (_, port) in enumerate(servers):
+                ws = await http.ws_connect(
+                    f"http://127.0.0.1:{port}/ws/session/p{i}", params={"access_token": token("alice")}
+                )
+                await receive(ws)
+                sockets.append(ws)
+            first, second = sockets
+            # Alternating: each process alone would take 3. The shared count stops alice after the limit, give or
+            # take the one message a process accepts before its own count tells it (the hot path never waits for
+            # Redis).
+            outcomes = [(await _outcome(ws, "hi"))["type"] for ws in (first, second, first, second)]
+            assert outcomes == ["message.stored"] * 4
+            for ws in (first, second):
+                assert (await _outcome(ws, "one more"))["code"] == "rate_limited"
+            for ws in sockets:
+                await ws.close()
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            await proc.wait()
