@@ -159,3 +159,18 @@ async def test_a_user_is_rate_limited_across_server_processes(settings, fake_llm
         for proc, _ in servers:
             proc.terminate()
             await proc.wait()
+
+
+async def test_a_peer_that_stops_answering_pings_is_found_and_its_session_ended(make_client, db):
+    client = await make_client(ws_heartbeat_s=0.3, idle_timeout_s=0)
+    # A client that never answers pings: a dead phone, a half-open TCP connection.
+    ws = await client.ws_connect("/ws/session/s1", autoping=False)
+    await receive(ws)
+    ended = await eventually(
+        lambda: db.fetchval("select end_time from sessions where session_id = 's1' and end_time is not null"),
+        timeout=10,
+    )
+    assert ended is not None
+    kinds = await db.fetch("select event_type from session_events where session_id = 's1' order by id")
+    assert [r["event_type"] for r in kinds] == ["connected", "disconnected"]
+    await ws.close()
