@@ -44,10 +44,9 @@ class UserRateLimiter:
 
     The decision never waits for Redis (the time from a message to the upstream request is a hot path): each
     process keeps a bucket per user, and counts every accepted message in a per-minute Redis counter shared by
-    all processes, in the background. When that counter shows the user over the limit, the process refuses
-    the user's messages until the minute is over; only messages racing the count (sent to several processes at
-the same instant) can get past it. With
-    Redis away, the per-process buckets still hold.
+    all processes, in the background. When that counter shows the user at the limit, the process refuses the
+    user's messages until the minute is over; only messages racing the count (a process learns of the others'
+    messages from its own next count) can get past it. With Redis away, the per-process buckets still hold.
     """
 
     def __init__(self, redis: Redis, per_minute: int) -> None:
