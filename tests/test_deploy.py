@@ -73,7 +73,13 @@ def test_redis_and_postgres_keep_their_data_and_postgres_gets_the_schema():
     pg_volumes = config["services"]["postgres"]["volumes"]
     assert any(v.startswith("postgres-data:") for v in pg_volumes)
     assert f"{REPO_ROOT / 'sql'}:/docker-entrypoint-initdb.d:ro" in pg_volumes
-    assert set(config["volumes"]) == {"redis-data", "postgres-data"}
+    assert set(config["volumes"]) == {"redis-data", "postgres-data", "server-spool"}
+
+
+def test_the_servers_spool_outlives_its_container():
+    config = resolved()
+    assert any(v.startswith("server-spool:/app/data/spool") for v in config["services"]["server"]["volumes"])
+    assert "SPOOL_DIR" not in config["services"]["server"]["environment"]  # the default, data/spool under /app
 
 
 def test_with_nothing_configured_the_offline_model_answers_and_settings_pass_through_when_given():

@@ -27,7 +27,7 @@ FRAMES = 3000
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_CLIENT_MSG_ID = 128
 MAX_FRAME_BYTES = 64 * 1024
-NO_LIMITS = {"messages_per_minute": 1_000_000, "max_pending_messages": 1_000_000}
+NO_LIMITS = {"messages_per_minute": 1_000_000, "max_pending_messages": 1_000_000, "max_turns_per_session": 1_000_000}
 # A short context keeps each model request small (the fuzz is about frames, not about context).
 SHORT_CONTEXT = {"context_max_chars": 500}
 
