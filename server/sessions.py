@@ -239,6 +239,10 @@ class Hub:
                 task.cancel()
             log.info("answers drained", extra={"fields": {"connections": len(connections), "cut_short": len(late)}})
 
+    async def close_connections(self, code: int, message: str) -> None:
+        connections = [s.connection for s in self._sessions.values() if s.connection is not None]
+        await asyncio.gather(*(c.close(code, message) for c in connections), return_exceptions=True)
+
     async def flush(self, *, within_s: float) -> None:
         """Shutdown, before the sockets close: let pending writes land, so their `message.stored` still goes out."""
         writers = [s.writer.drain() for s in self._sessions.values() if s.writer.pending]

@@ -127,7 +127,8 @@ async def close_sockets(app: web.Application) -> None:
     hub, settings = app[HUB], app[SETTINGS]
     await hub.finish_answers(within_s=settings.shutdown_drain_s)
     await hub.flush(within_s=settings.shutdown_flush_s)
-    open_now = app[SOCKETS]
-    sockets = [*open_now]
+    # Through the connections, so each records 1001 (not the client's reply) on its `disconnected` event.
+    await hub.close_connections(WSCloseCode.GOING_AWAY, "server shutting down")
+    sockets = [*app[SOCKETS]]
     closing = (ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets)
     await asyncio.gather(*closing, return_exceptions=True)

@@ -52,8 +52,12 @@ async def test_sigterm_mid_answer_finishes_it_closes_with_1001_and_loses_nothing
     stored = {e["role"]: e["id"] for e in events if e["type"] == "message.stored"}
 
     # Everything accepted is stored, in order, and the session is ended and queued for its summary.
-    rows = await db.fetch("select id, event_type, content from session_events where session_id = 's1' order by id")
+    rows = await db.fetch(
+        "select id, event_type, content, metadata from session_events where session_id = 's1' order by id"
+    )
     assert [r["event_type"] for r in rows] == ["connected", "user_message", "ai_message", "disconnected"]
+    # The server's reason, not the client's reply to it.
+    assert orjson.loads(rows[-1]["metadata"])["close_code"] == 1001
     assert rows[2]["content"] == LONG_ANSWER
     assert stored == {"user": rows[1]["id"], "assistant": rows[2]["id"]}
     assert await db.fetchval("select end_time from sessions where session_id = 's1'") is not None
