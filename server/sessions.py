@@ -17,9 +17,9 @@ from .metrics import Metrics
 from .presence import Presence
 from .ratelimit import UserRateLimiter
 from .settings import Settings
-from .spool import Pending, Spool
+from .spool import Spool
 from .store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
-from .writer import EventWriter
+from .writer import Committer, EventWriter
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -71,6 +71,7 @@ class Hub:
         self._connections = 0
         self._per_user: dict[str, int] = {}
         self.spool = Spool(settings.spool_dir, store, metrics, retry_max_s=settings.store_retry_max_s)
+        self._committer = Committer(store, metrics, max_backoff_s=settings.store_retry_max_s, gate=self.spool.clear)
         self.user_rate = UserRateLimiter(redis, settings.user_messages_per_minute)
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -108,13 +109,7 @@ class Hub:
         """The session's live state, created if needed; every checkout is paired with a `checkin`."""
         session = self._sessions.get(session_id)
         if session is None:
-            writer = EventWriter(
-                self._store,
-                self._metrics,
-                session_id=session_id,
-                max_backoff_s=self._settings.store_retry_max_s,
-                gate=self.spool.clear,
-            )
+            writer = self._committer.writer(session_id)
             context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
             session = self._sessions[session_id] = Session(session_id, writer=writer, context=context)
         session.users += 1
@@ -262,24 +257,22 @@ class Hub:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         if not await self.spill():
-            lost = 0
-            for session in list(self._sessions.values()):
-                lost += await session.writer.abandon()
-            log.error("events not stored at shutdown", extra={"fields": {"events": lost}})
+            lost = [item for items in (await self._committer.take_all()).values() for item in items]
+            for _, future in lost:
+                future.cancel()
+            log.error("events not stored at shutdown", extra={"fields": {"events": len(lost)}})
         self._sessions.clear()
+        await self._committer.close()
         await self.spool.close()
         await self.user_rate.close()
 
     async def spill(self) -> bool:
         """Move every pending write to the spool, in order; False (and nothing moved) if the disk refused."""
-        writers = [s.writer for s in self._sessions.values() if s.writer.pending]
-        items: list[Pending] = []
-        for writer in writers:
-            items += writer.take()
-        if await self.spool.spill(items):
+        taken = await self._committer.take_all()
+        if await self.spool.spill([item for items in taken.values() for item in items]):
             return True
-        for writer in writers:
-            writer.restore([item for item in items if item[0].session_id == writer.session_id])
+        for writer, items in taken.items():
+            writer.restore(items)
         return False
 
     async def _watch_writes(self) -> None:
@@ -287,10 +280,9 @@ class Hub:
         limit_s, limit_events = self._settings.spool_after_s, self._settings.spool_max_pending
         while True:
             await asyncio.sleep(min(1.0, limit_s / 4))
-            writers = [s.writer for s in self._sessions.values() if s.writer.pending]
-            oldest = min((w.oldest_pending for w in writers if w.oldest_pending is not None), default=None)
+            oldest = self._committer.oldest_pending()
             if oldest is None:
                 continue
             waited_s = (datetime.now(UTC) - oldest).total_seconds()
-            if waited_s >= limit_s or sum(w.pending for w in writers) >= limit_events:
+            if waited_s >= limit_s or self._committer.pending >= limit_events:
                 await self.spill()

@@ -22,14 +22,12 @@ import orjson
 from .errors import ConfigError
 from .metrics import Metrics
 from .store import NewEvent, Store
-from .writer import EventWriter
+from .writer import Committer, EventWriter, Pending
 
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".jsonl"
 _PARTIAL = ".partial"
-
-Pending = tuple[NewEvent, "asyncio.Future[int]"]
 
 
 class Spool:
@@ -101,7 +99,13 @@ class Spool:
             self._replayer = asyncio.create_task(self._replay(), name="spool-replay")
 
     async def _replay(self) -> None:
-        writer = EventWriter(self._store, self._metrics, session_id="(spool)", max_backoff_s=self._retry_max_s)
+        committer = Committer(self._store, self._metrics, max_backoff_s=self._retry_max_s)
+        try:
+            await self._replay_segments(committer.writer("(spool)"))
+        finally:
+            await committer.close()
+
+    async def _replay_segments(self, writer: EventWriter) -> None:
         while True:
             segments = self._segments()
             if not segments:

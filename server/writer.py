@@ -1,4 +1,4 @@
-"""Writes one session's events to the store in order, in batches, retrying until they are committed."""
+"""Write-behind of session events: one ordered queue per session, committed in batches shared by all sessions."""
 
 from __future__ import annotations
 
@@ -14,42 +14,30 @@ from .store import NewEvent, Store
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 200
+# Events per store round trip, and round trips in flight at once.
+MAX_BATCH = 500
+CONCURRENCY = 4
+
+Pending = tuple[NewEvent, "asyncio.Future[int]"]
 
 
 class EventWriter:
-    """An ordered, batching write-behind queue for one session.
+    """One session's ordered queue of events waiting for the store.
 
-    `submit` never waits: the conversation goes on while the store catches up. Each event's future
-    resolves with its id once committed. A store that is unreachable is retried with capped backoff,
-    forever, in order (events are idempotent by key, so a retry after an ambiguous failure is safe);
-    an event the store refuses outright is logged, counted and its future fails, so one bad row
-    cannot hold back the rest of the session. While `gate` is clear (the spool holds older events that
-    must land first) nothing is written.
+    `submit` never waits: the conversation goes on while the store catches up. Each event's future resolves
+    with its id once committed, or fails if the store refuses that event outright.
     """
 
-    def __init__(
-        self,
-        store: Store,
-        metrics: Metrics,
-        *,
-        session_id: str,
-        max_backoff_s: float,
-        gate: asyncio.Event | None = None,
-    ) -> None:
-        self._store = store
-        self._metrics = metrics
-        self._session_id = session_id
-        self._max_backoff_s = max_backoff_s
-        self._gate = gate
-        self._queue: list[tuple[NewEvent, asyncio.Future[int]]] = []
-        self._task: asyncio.Task[None] | None = None
+    __slots__ = ("_committer", "_idle", "_in_flight", "_queue", "session_id")
+
+    def __init__(self, committer: Committer, *, session_id: str) -> None:
+        self._committer = committer
+        self.session_id = session_id
+        self._queue: list[Pending] = []
+        # How many events at the front of the queue are being committed now.
+        self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-
-    @property
-    def session_id(self) -> str:
-        return self._session_id
 
     @property
     def pending(self) -> int:
@@ -63,10 +51,10 @@ class EventWriter:
     def submit(self, event: NewEvent) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((event, future))
-        self._metrics.pending_writes.inc()
-        if self._task is None:
+        self._committer.pending_changed(1)
+        if not self._in_flight:
             self._idle.clear()
-            self._task = asyncio.create_task(self._run(), name=f"writer:{self._session_id}")
+            self._committer.ready(self)
         return future
 
     async def drain(self, within_s: float | None = None) -> bool:
@@ -78,60 +66,123 @@ class EventWriter:
             return False
         return True
 
-    def take(self) -> list[tuple[NewEvent, asyncio.Future[int]]]:
-        """Hand every pending event, with its future, to the spool; a write in flight is cancelled (the spool's
-        replay is idempotent, so it does not matter whether it landed)."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        taken, self._queue = self._queue, []
-        self._metrics.pending_writes.dec(len(taken))
-        self._idle.set()
-        return taken
-
-    def restore(self, items: list[tuple[NewEvent, asyncio.Future[int]]]) -> None:
-        """Put back what `take` handed out (the spool could not keep it), ahead of anything newer."""
+    def restore(self, items: list[Pending]) -> None:
+        """Put back what the committer's `take_all` handed out (the spool could not keep it), ahead of the rest."""
         if not items:
             return
         self._queue[:0] = items
-        self._metrics.pending_writes.inc(len(items))
-        if self._task is None:
+        self._committer.pending_changed(len(items))
+        if not self._in_flight:
             self._idle.clear()
-            self._task = asyncio.create_task(self._run(), name=f"writer:{self._session_id}")
+            self._committer.ready(self)
 
-    async def abandon(self) -> int:
-        """Stop retrying (process shutdown past its flush deadline); return how many events stay unwritten."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        left = len(self._queue)
-        for _, future in self._queue:
-            future.cancel()
-        self._metrics.pending_writes.dec(left)
-        self._queue.clear()
+    # Used by the committer.
+
+    def _next(self, room: int) -> list[Pending]:
+        batch = self._queue[:room]
+        self._in_flight = len(batch)
+        return batch
+
+    def _landed(self) -> None:
+        del self._queue[: self._in_flight]
+        self._committer.pending_changed(-self._in_flight)
+        self._in_flight = 0
+        if self._queue:
+            self._committer.ready(self)
+        else:
+            self._idle.set()
+
+    def _take(self) -> list[Pending]:
+        taken, self._queue, self._in_flight = self._queue, [], 0
         self._idle.set()
-        return left
+        return taken
+
+
+class Committer:
+    """Commits the queued events of every session in shared batches: one store round trip carries the events
+    of many sessions, so a busy process does not queue hundreds of small inserts for the connection pool.
+
+    Each session's events go in order: a session with events in flight gives no more until they land. A store
+    that is unreachable is retried with capped backoff, forever (events are idempotent by key, so a retry after
+    an ambiguous failure is safe); an event the store refuses outright is logged, counted and its future fails,
+    so one bad row holds back nothing else. While `gate` is clear (the spool holds older events that must land
+    first) nothing is written.
+    """
+
+    def __init__(
+        self, store: Store, metrics: Metrics, *, max_backoff_s: float, gate: asyncio.Event | None = None
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._max_backoff_s = max_backoff_s
+        self._gate = gate
+        # Writers with events to send and none in flight, oldest first (a dict as an ordered set).
+        self._ready: dict[EventWriter, None] = {}
+        self._writers_with_events: set[EventWriter] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.pending = 0
+
+    def writer(self, session_id: str) -> EventWriter:
+        return EventWriter(self, session_id=session_id)
+
+    def pending_changed(self, delta: int) -> None:
+        self.pending += delta
+        self._metrics.pending_writes.inc(delta)
+
+    def ready(self, writer: EventWriter) -> None:
+        self._ready[writer] = None
+        self._writers_with_events.add(writer)
+        self._wake.set()
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._run(), name=f"committer-{i}") for i in range(CONCURRENCY)]
+
+    def oldest_pending(self) -> datetime | None:
+        return min((t for w in self._writers_with_events if (t := w.oldest_pending) is not None), default=None)
+
+    async def take_all(self) -> dict[EventWriter, list[Pending]]:
+        """Stop committing and hand over every pending event (for the spool); writes in flight are cancelled, which
+        is safe because a replay of an event that did land stores nothing twice."""
+        await self._stop()
+        taken = {w: items for w in self._writers_with_events if (items := w._take())}
+        self.pending_changed(-sum(len(items) for items in taken.values()))
+        self._writers_with_events.clear()
+        self._ready.clear()
+        return taken
+
+    async def close(self) -> None:
+        await self._stop()
+
+    async def _stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
-        me = asyncio.current_task()
-        try:
-            while self._queue:
-                if self._gate is not None:
-                    await self._gate.wait()
-                    if not self._queue:
-                        break
-                batch = self._queue[:MAX_BATCH]
-                await self._write(batch)
-                del self._queue[: len(batch)]
-                self._metrics.pending_writes.dec(len(batch))
-        finally:
-            # `take` may have let this task go and a newer one may run already.
-            if self._task is me:
-                self._task = None
-                if not self._queue:
-                    self._idle.set()
+        while True:
+            if not self._ready:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._gate is not None and not self._gate.is_set():
+                await self._gate.wait()
+                continue
+            parts: list[tuple[EventWriter, list[Pending]]] = []
+            room = MAX_BATCH
+            while self._ready and room > 0:
+                writer = next(iter(self._ready))
+                del self._ready[writer]
+                items = writer._next(room)
+                parts.append((writer, items))
+                room -= len(items)
+            await self._write([item for _, items in parts for item in items])
+            for writer, _ in parts:
+                writer._landed()
+                if not writer.pending:
+                    self._writers_with_events.discard(writer)
 
-    async def _write(self, batch: list[tuple[NewEvent, asyncio.Future[int]]]) -> None:
+    async def _write(self, batch: list[Pending]) -> None:
         attempt = 0
         while True:
             started = time.perf_counter()
@@ -141,13 +192,15 @@ class EventWriter:
                 error: Exception = e
             except StoreError as e:
                 if len(batch) > 1:
-                    await self._write_one_by_one(batch)
+                    # Written singly, only the offending event is lost.
+                    for item in batch:
+                        await self._write([item])
                 else:
                     self._refuse(batch[0], e)
                 return
             except Exception as e:
                 # A bug or an unmapped driver error: keep the events and keep trying, loudly.
-                log.exception("unexpected error writing events", extra={"fields": {"session_id": self._session_id}})
+                log.exception("unexpected error writing events")
                 error = e
             else:
                 self._metrics.store_write_seconds.observe(time.perf_counter() - started)
@@ -158,21 +211,17 @@ class EventWriter:
             attempt += 1
             self._metrics.store_write_retries.inc()
             delay = min(self._max_backoff_s, 0.05 * 2**attempt) * (0.5 + random.random() / 2)
-            fields = {"session_id": self._session_id, "events": len(batch), "attempt": attempt, "error": str(error)}
+            sessions = sorted({event.session_id for event, _ in batch})
+            fields = {"sessions": sessions[:10], "events": len(batch), "attempt": attempt, "error": str(error)}
             log.warning("store write failed, retrying", extra={"fields": fields})
             await asyncio.sleep(delay)
 
-    async def _write_one_by_one(self, batch: list[tuple[NewEvent, asyncio.Future[int]]]) -> None:
-        # The store refused the batch: write its events singly so only the offending one is lost.
-        for item in batch:
-            await self._write([item])
-
-    def _refuse(self, item: tuple[NewEvent, asyncio.Future[int]], error: StoreError) -> None:
+    def _refuse(self, item: Pending, error: StoreError) -> None:
         event, future = item
         self._metrics.store_events_dropped.inc()
         log.error(
             "store refused an event",
-            extra={"fields": {"session_id": self._session_id, "event_type": event.event_type, "error": str(error)}},
+            extra={"fields": {"session_id": event.session_id, "event_type": event.event_type, "error": str(error)}},
         )
         if not future.done():
             future.set_exception(error)
