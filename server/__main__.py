@@ -7,7 +7,7 @@ import sys
 
 from aiohttp import web
 
-from .app import create_app
+from .app import create_app, tune_gc
 from .errors import ConfigError
 from .logs import setup_logging
 from .settings import Settings
@@ -29,7 +29,9 @@ def main(argv: list[str]) -> int:
     setup_logging(level=settings.log_level, fmt=settings.log_format)
     url = f"http://{settings.host}:{settings.port}/"
     logging.getLogger("server").info("listening", extra={"fields": {"url": url}})
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None, shutdown_timeout=10)
+    app = create_app(settings)
+    app.on_startup.append(tune_gc)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, shutdown_timeout=10)
     return 0
 
 
