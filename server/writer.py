@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # Events per store round trip, and round trips in flight at once.
 MAX_BATCH = 500
 CONCURRENCY = 4
+COLLECT_S = 0.002
 
 Pending = tuple[NewEvent, "asyncio.Future[int]"]
 
@@ -164,6 +165,9 @@ class Committer:
             if not self._ready:
                 self._wake.clear()
                 await self._wake.wait()
+                # Let the turn that submitted the event reach the model first: the user waits for that, while
+                # the write only has to land before its acknowledgement. Events arriving meanwhile join the batch.
+                await asyncio.sleep(COLLECT_S)
                 continue
             if self._gate is not None and not self._gate.is_set():
                 await self._gate.wait()

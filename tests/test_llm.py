@@ -82,6 +82,8 @@ async def test_the_answer_streams_in_pieces_and_the_request_reaches_the_provider
 ) -> None:
     stats = StreamStats()
     pieces: list[str] = []
+    # Paced, so each chunk is its own network read (chunks that arrive together are joined into one piece).
+    upstream.token_delay = 0.005
 
     assert await answer(make(), stats=stats, pieces=pieces) == "You said: Hello there, how are you today?"
 

@@ -62,6 +62,7 @@ async def test_a_plain_text_frame_is_answered_token_by_token_and_stored(client, 
     assert ready["model"] == "fake-model"
     assert ready["history"] == []
 
+    fake_llm.token_delay = 0.005  # each token its own network read, so each its own delta
     await ws.send_str("Hello there")
     answer = await collect_answer(ws)
 

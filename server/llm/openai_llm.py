@@ -16,7 +16,7 @@ from typing import Any, cast
 import httpx2
 import openai
 import orjson
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from ..errors import LLMError, LLMRateLimited, LLMUnavailable
 from ..settings import Settings
@@ -34,6 +34,7 @@ _BACKOFF_FIRST_S = 0.25
 _DRAIN_S = 0.25
 _SECRET_RE = re.compile(r"\b(sk|rk|pk)-[\w*.\-]+")
 _MAX_PROVIDER_MESSAGE = 200
+_STREAM = openai.AsyncStream[ChatCompletionChunk]
 
 
 class OpenAILLM:
@@ -51,6 +52,12 @@ class OpenAILLM:
             max_retries=0,
             timeout=httpx2.Timeout(
                 connect=settings.llm_connect_timeout_s, read=backstop, write=backstop, pool=backstop
+            ),
+            # The client's aiohttp transport: reading a stream through it costs about a third of the CPU per
+            # chunk of its default httpx2 one (bench/RESULTS.md). One upstream connection per answer streaming
+            # now, up to as many as this process takes sockets: a smaller pool would queue answers behind others.
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(max_connections=max(settings.max_connections, 100), keepalive_expiry=30.0)
             ),
         )
 
@@ -112,20 +119,28 @@ class OpenAILLM:
         # A failed earlier attempt's finish_reason must not vouch for this one.
         stats.finish_reason = None
         async with AsyncExitStack() as stack:
-            request = self._client.chat.completions.with_streaming_response.create(
-                model=self.model,
-                # The conversation goes in `extra_body`, which the client sends as it is: passed as `messages`,
-                # the client walks every message through its type transforms, about 0.1 ms of event-loop time
-                # per message per request (24 ms for a 200-message context), stalling every other stream.
-                messages=[],
-                extra_body={"messages": messages},
+            body: dict[str, Any] = {
+                "model": self.model,
+                "messages": messages,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            if max_tokens is not None:
+                body["max_tokens"] = max_tokens
+            # The client's own request path (URL, headers, authentication, status errors), minus the resource
+            # method's per-request type transforms of the parameters: about a third of its cost, and a walk of
+            # every context message (0.1 ms each) on the event loop that every other stream shares.
+            request = self._client.post(
+                "/chat/completions",
+                cast_to=ChatCompletion,
+                body=body,
                 stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=openai.omit if max_tokens is None else max_tokens,
+                stream_cls=_STREAM,
             )
             try:
                 async with asyncio.timeout_at(first_deadline):
-                    response = await stack.enter_async_context(request)
+                    stream = await request
+                stack.push_async_callback(stream.close)
             except TimeoutError as e:
                 raise _first_token_timeout(s) from e
             except openai.APIStatusError as e:
@@ -135,7 +150,7 @@ class OpenAILLM:
             except openai.OpenAIError as e:
                 raise LLMError("the model provider could not be called") from e
             # Raw bytes, not the client's per-event pydantic objects: this loop runs once per token.
-            reads = response.http_response.aiter_bytes()
+            reads = stream.response.aiter_bytes()
             await stack.enter_async_context(aclosing(reads))
             while not decoder.done:
                 try:
