@@ -189,13 +189,14 @@ class Connection:
             self._watchdog = loop.call_at(due, self._check_idle)
 
     async def _on_text(self, text: str) -> None:
+        received_at = time.time()
         try:
             frame = protocol.parse_frame(text, max_message_bytes=self._settings.max_message_bytes)
         except ProtocolError as e:
             await self._reject(e)
             return
         if isinstance(frame, UserMessage):
-            await self._on_message(frame)
+            await self._on_message(frame, received_at)
         elif isinstance(frame, Cancel):
             if self._answer is not None:
                 self._answer.cancel()
@@ -206,7 +207,7 @@ class Connection:
         self._metrics.frames_rejected.labels(error.code).inc()
         await self._send(protocol.error(error.code, str(error)))
 
-    async def _on_message(self, message: UserMessage) -> None:
+    async def _on_message(self, message: UserMessage, received_at: float) -> None:
         session = self.session
         cmid = message.client_msg_id
         if cmid is not None and cmid in session.client_msgs:
@@ -243,7 +244,7 @@ class Connection:
         session.turns += 1
         self._metrics.messages_accepted.inc()
 
-        self._waiting.append(_Turn(message.text, cmid, time.time()))
+        self._waiting.append(_Turn(message.text, cmid, received_at))
         if self._runner is None:
             self._runner = asyncio.create_task(self._run_turns(), name=f"turns:{session.id}")
         self._wake.set()
