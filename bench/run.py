@@ -293,6 +293,10 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--throughput-sessions", type=int, default=200)
     parser.add_argument("--throughput-tokens", type=int, default=500)
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections for the memory run")
+    parser.add_argument(
+        "--summary-sessions", default="1,50", help="sessions ending together, for the disconnect-to-summary runs"
+    )
+    parser.add_argument("--summary-jobs", type=int, default=200, help="sessions ending together, for jobs/s")
     args = parser.parse_args(argv)
     database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
     redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
@@ -302,6 +306,9 @@ async def main(argv: list[str]) -> int:
     stack = await start_stack(database_url, redis_url)
     try:
         print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, server pid {stack.server.pid}")
+        # First, while the worker is the only extra load: it is stopped before the relay is measured.
+        await summary_runs(stack, redis_url, args)
+
         await stack.pace(tokens=args.tokens, ttft_s=args.ttft_ms / 1000, gap_s=args.gap_ms / 1000)
         base = await floor(stack, streams=1)
         print(f"\nfloor (direct to upstream): time-to-first-token overhead p50 {_ms(base['ttft_overhead_p50'])}")
@@ -351,6 +358,28 @@ async def main(argv: list[str]) -> int:
     finally:
         await stop_stack(stack)
     return 0
+
+
+async def summary_runs(stack: Stack, redis_url: str, args: argparse.Namespace) -> None:
+    from .summaries import start_worker, stop_worker, summaries  # it builds on this module
+
+    # Summaries of 20 tokens, streamed at once: what is left is the pipeline's own time.
+    await stack.pace(tokens=20, ttft_s=0, gap_s=0)
+    worker = await start_worker(stack, redis_url)
+    try:
+        print("\nsummaries (one worker process): from the client's close to the summary stored, minus the model's time")
+        print(f"{'sessions':>9} {'p50':>12} {'p99':>12} {'jobs/s':>9} {'worker CPU/job':>15}")
+        levels = [int(x) for x in args.summary_sessions.split(",") if x]
+        if args.summary_jobs:
+            levels.append(args.summary_jobs)
+        for run_no, level in enumerate(levels):
+            r = await summaries(stack, worker, sessions=level, label=f"sum{run_no}x{level}")
+            print(
+                f"{level:>9} {_ms(r['added_p50']):>12} {_ms(r['added_p99']):>12} {r['jobs_per_s']:>9,.1f}"
+                f" {r['cpu_ms_per_job']:>12.2f} ms"
+            )
+    finally:
+        await stop_worker(worker)
 
 
 def run() -> None:

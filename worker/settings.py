@@ -34,6 +34,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "ctx": {"settings": settings},
         "job_timeout": settings.summary_job_timeout_s,
         "max_tries": settings.summary_max_tries,
+        # arq looks for new jobs every 0.5 s by default: most of the wait between a session's end and its summary
+        # (bench/RESULTS.md). A poll is one cheap Redis command.
+        "poll_delay": 0.05,
         # `arq --check worker.WorkerSettings` (the container's health check) reads this heartbeat.
         "health_check_interval": 30,
     }
