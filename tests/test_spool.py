@@ -93,32 +93,32 @@ async def test_writes_the_store_cannot_take_are_spooled_then_replayed_in_order_a
     assert await _stored_when_complete(postgres_control.url, "s1", expected) == expected
 
 
-async def test_a_server_killed_with_writes_in_the_spool_has_them_replayed_by_the_next_start(
-    settings, fake_llm, postgres_control, tmp_path
-):
-    spool = tmp_path / "shared-spool"
-    server, port = await start_server(settings, SPOOL_DIR=str(spool), SPOOL_AFTER_S="0.5")
+async def _through_an_outage(
+    settings: Any, postgres_control: Any, spool: Path, during: list[str], end: Any, **env: str
+) -> None:
+    """A real server process: one message before PostgreSQL stops, `during` while it is down, then `end(server)`."""
+    server, port = await start_server(settings, SPOOL_DIR=str(spool), **env)
     try:
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws/session/s1")
             await receive(ws)
             await _ask(ws, "before", "m0")
             await postgres_control.stop()
-            await _ask(ws, "during 1", "m1")
-            await _ask(ws, "during 2", "m2")
-            assert await eventually(lambda: _segments(spool), timeout=10)
-            # Gone without a chance to flush anything: only the spool remembers.
-            server.kill()
-            await server.wait()
+            for i, client_msg_id in enumerate(during, 1):
+                await _ask(ws, f"during {i}", client_msg_id)
+            await end(server)
     finally:
         if server.returncode is None:
             server.kill()
             await server.wait()
 
+
+async def _next_start_stores(settings: Any, postgres_control: Any, spool: Path, *client_msg_ids: str) -> None:
+    """PostgreSQL back, a new server on the same spool: the whole conversation is stored, in order, once."""
     await postgres_control.start()
-    server, port = await start_server(settings, SPOOL_DIR=str(spool))
+    server, _ = await start_server(settings, SPOOL_DIR=str(spool))
     try:
-        expected = _conversation("m0", "m1", "m2")
+        expected = _conversation(*client_msg_ids)
         assert await _stored_when_complete(postgres_control.url, "s1", expected) == expected
         assert await eventually(lambda: _no_segments(spool), timeout=10)
     finally:
@@ -130,36 +130,37 @@ async def _no_segments(spool: Path) -> bool:
     return not await _segments(spool)
 
 
+async def test_a_server_killed_with_writes_in_the_spool_has_them_replayed_by_the_next_start(
+    settings, fake_llm, postgres_control, tmp_path
+):
+    spool = tmp_path / "shared-spool"
+
+    async def killed_once_spooled(server: asyncio.subprocess.Process) -> None:
+        assert await eventually(lambda: _segments(spool), timeout=10)
+        # Gone without a chance to flush anything: only the spool remembers.
+        server.kill()
+        await server.wait()
+
+    await _through_an_outage(settings, postgres_control, spool, ["m1", "m2"], killed_once_spooled, SPOOL_AFTER_S="0.5")
+    await _next_start_stores(settings, postgres_control, spool, "m0", "m1", "m2")
+
+
 async def test_sigterm_while_the_store_is_down_spools_what_is_pending_for_the_next_start(
     settings, fake_llm, postgres_control, tmp_path
 ):
     spool = tmp_path / "shared-spool"
-    # The spool is only reached through the shutdown: the outage is shorter than SPOOL_AFTER_S.
-    server, port = await start_server(settings, SPOOL_DIR=str(spool), SPOOL_AFTER_S="600", SHUTDOWN_FLUSH_S="1")
-    try:
-        async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws/session/s1")
-            await receive(ws)
-            await _ask(ws, "before", "m0")
-            await postgres_control.stop()
-            await _ask(ws, "during", "m1")
-            server.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(30):
-                assert await server.wait() == 0
-    finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
-    assert await _segments(spool)
 
-    await postgres_control.start()
-    server, port = await start_server(settings, SPOOL_DIR=str(spool))
-    try:
-        expected = _conversation("m0", "m1")
-        assert await _stored_when_complete(postgres_control.url, "s1", expected) == expected
-    finally:
-        server.terminate()
-        await server.wait()
+    async def terminated(server: asyncio.subprocess.Process) -> None:
+        server.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await server.wait() == 0
+
+    # The spool is only reached through the shutdown: the outage is shorter than SPOOL_AFTER_S.
+    await _through_an_outage(
+        settings, postgres_control, spool, ["m1"], terminated, SPOOL_AFTER_S="600", SHUTDOWN_FLUSH_S="1"
+    )
+    assert await _segments(spool)
+    await _next_start_stores(settings, postgres_control, spool, "m0", "m1")
 
 
 async def test_a_segment_cut_by_a_crash_mid_spill_keeps_its_whole_lines(make_client, settings, db):
