@@ -10,6 +10,7 @@ idempotent by event key, so a segment replayed twice (a crash mid-replay) stores
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -43,6 +44,8 @@ class Spool:
         # The futures of this process's spooled events, resolved when the replay commits them.
         self._futures: dict[tuple[str, str], asyncio.Future[int]] = {}
         self._spilling = 0
+        # Segments this process wrote, whose events the gauge already counts.
+        self._counted: set[str] = set()
         self._replayer: asyncio.Task[None] | None = None
 
     def open(self) -> None:
@@ -70,7 +73,7 @@ class Spool:
         self.clear.clear()
         self._spilling += 1
         try:
-            await asyncio.to_thread(self._write_segment, [event for event, _ in items])
+            name = await asyncio.to_thread(self._write_segment, [event for event, _ in items])
         except OSError as e:
             log.error("could not spool pending writes", extra={"fields": {"events": len(items), "error": str(e)}})
             return False
@@ -79,6 +82,7 @@ class Spool:
             self._start_replay()
         for event, future in items:
             self._futures[(event.session_id, event.event_key)] = future
+        self._counted.add(name)
         self._metrics.spooled_events.inc(len(items))
         log.warning(
             "store unavailable: pending writes spooled to disk",
@@ -114,7 +118,19 @@ class Spool:
                     self.clear.set()
                 return
             for path in segments:
-                events = await asyncio.to_thread(_read_segment, path)
+                try:
+                    events = await asyncio.to_thread(_read_segment, path)
+                except OSError as e:
+                    # Kept aside for an operator, loudly: it must not hold back every write after it.
+                    log.error(
+                        "spool segment unreadable, set aside", extra={"fields": {"segment": path.name, "error": str(e)}}
+                    )
+                    await asyncio.to_thread(_set_aside, path)
+                    await asyncio.sleep(1.0)  # should even that fail, no busy loop
+                    continue
+                if path.name not in self._counted:
+                    self._metrics.spooled_events.inc(len(events))  # left by an earlier run
+                self._counted.discard(path.name)
                 for event in events:
                     self._settle(event, writer.submit(event))
                 await writer.drain()
@@ -146,7 +162,7 @@ class Spool:
         # Names start with a nanosecond clock, so name order is spill order.
         return sorted(p for p in self._dir.iterdir() if p.suffix in (_SUFFIX, _PARTIAL))
 
-    def _write_segment(self, events: list[NewEvent]) -> None:
+    def _write_segment(self, events: list[NewEvent]) -> str:
         name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
         partial = self._dir / (name + _PARTIAL)
         with open(partial, "wb") as f:
@@ -157,6 +173,7 @@ class Spool:
             os.fsync(f.fileno())
         partial.rename(self._dir / (name + _SUFFIX))
         _fsync_dir(self._dir)
+        return name + _SUFFIX
 
 
 def _read_segment(path: Path) -> list[NewEvent]:
@@ -170,6 +187,11 @@ def _read_segment(path: Path) -> list[NewEvent]:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.error("unreadable line in a spool segment skipped", extra={"fields": {"segment": path.name}})
     return events
+
+
+def _set_aside(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rename(path.with_name(path.name + ".unreadable"))
 
 
 def _remove(path: Path) -> None:

@@ -192,3 +192,16 @@ async def test_a_spool_directory_that_cannot_be_written_stops_the_start_with_a_c
     not_a_dir.write_text("")
     with pytest.raises(ConfigError, match="SPOOL_DIR"):
         await make_client(spool_dir=not_a_dir / "spool")
+
+
+async def test_an_unreadable_segment_is_set_aside_and_holds_nothing_back(make_client, settings, db):
+    settings.spool_dir.mkdir(parents=True)
+    # A directory where a segment should be: reading it fails, like a file the server may not read.
+    (settings.spool_dir / "00000000000000000001-1-abcd.jsonl").mkdir()
+    client = await make_client()
+    ws = await client.ws_connect("/ws/session/s1")
+    await receive(ws)
+    await _ask(ws, "after it", "m1")
+    await ws.close()
+    assert await eventually(lambda: db.fetchval("select count(*) from session_events where client_msg_id = 'm1'"))
+    assert (settings.spool_dir / "00000000000000000001-1-abcd.jsonl.unreadable").exists()
