@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 RELEASE_CHANNEL = "rt:release"
 _POLL_S = 0.05
+# After Redis failed a claim, claims skip it this long: an unreachable Redis would otherwise cost every new
+# connection its connect or read timeout. The renew loop takes the leases once Redis answers again.
+_BREAKER_S = 5.0
 
 # Set the lease when it is free or already ours; never overwrite another server's.
 _RENEW = """
@@ -55,6 +58,7 @@ class Presence:
         self._on_release_request: Callable[[str], None] = lambda session_id: None
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._skip_redis_until = 0.0
 
     def on_release_request(self, callback: Callable[[str], None]) -> None:
         """Called with a session id when another server asks for a session this one holds."""
@@ -65,6 +69,9 @@ class Presence:
         (a holder that hangs), take it anyway."""
         key = held_key(session_id)
         loop = asyncio.get_running_loop()
+        if loop.time() < self._skip_redis_until:
+            self._held.add(session_id)
+            return
         deadline = loop.time() + self._takeover_wait_s
         asked = False
         try:
@@ -82,8 +89,10 @@ class Presence:
                     break
                 await asyncio.sleep(_POLL_S)
         except (RedisError, OSError) as e:
+            self._skip_redis_until = loop.time() + _BREAKER_S
             log.warning(
-                "could not claim the session lease", extra={"fields": {"session_id": session_id, "error": str(e)}}
+                "could not claim the session lease; claims skip Redis for a while",
+                extra={"fields": {"session_id": session_id, "error": str(e), "skip_s": _BREAKER_S}},
             )
         self._held.add(session_id)
 
@@ -119,6 +128,7 @@ class Presence:
         except (RedisError, OSError) as e:
             log.warning("could not renew session leases", extra={"fields": {"sessions": len(held), "error": str(e)}})
             return
+        self._skip_redis_until = 0.0
         for session_id, renewed in zip(held, results, strict=True):
             if not renewed and session_id in self._held:
                 # Another server took it (after a hang of ours): it is theirs now, close ours.

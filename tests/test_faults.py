@@ -76,3 +76,32 @@ async def test_redis_restarting_mid_conversation_disturbs_nothing_and_the_summar
         lambda: db.fetchval("select max(id) from session_events where event_type = 'disconnected'")
     )
     assert await eventually(lambda: redis.exists(f"arq:job:summary:s1:{last_id}"), timeout=10)
+
+
+async def test_a_redis_that_stops_answering_costs_one_connection_its_timeout_not_every_one(make_client, db, caplog):
+    # A "Redis" that accepts connections and never answers: a network partition, not a refusal.
+    received = bytearray()
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+        writer.close()
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = hole.sockets[0].getsockname()[1]
+    try:
+        client = await make_client(redis_url=f"redis://127.0.0.1:{port}/0", shutdown_flush_s=1.0)
+        first = await client.ws_connect("/ws/session/s1")
+        assert (await receive(first, timeout=15))["type"] == "session.ready"
+        # The first claim waited out Redis's timeout; the next connections do not ask it again for a while.
+        for session_id in ("s2", "s3"):
+            ws = await client.ws_connect(f"/ws/session/{session_id}")
+            assert (await receive(ws))["type"] == "session.ready"
+            assert (await _ask(ws, "still served", "m1"))[-1]["status"] == "completed"
+            await ws.close()
+        claims = [r for r in caplog.records if r.getMessage().startswith("could not claim the session lease")]
+        assert len(claims) == 1, [r.getMessage() for r in claims]
+        assert received  # it was asked, once
+        await first.close()
+    finally:
+        hole.close()
