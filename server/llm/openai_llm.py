@@ -11,12 +11,12 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, suppress
 from email.utils import parsedate_to_datetime
-from typing import Any, cast
+from typing import Any
 
 import httpx2
 import openai
 import orjson
-from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ..errors import LLMError, LLMRateLimited, LLMUnavailable
 from ..settings import Settings
@@ -68,13 +68,11 @@ class OpenAILLM:
         s = self._settings
         loop = asyncio.get_running_loop()
         started = loop.time()
-        # Our TypedDict is a strict subset of the client's message params.
-        params = cast("list[ChatCompletionMessageParam]", list(messages))
         limit = max_tokens if max_tokens is not None else s.openai_max_tokens
         while True:
             produced = False
             try:
-                async with aclosing(self._attempt(params, limit, stats)) as pieces:
+                async with aclosing(self._attempt(messages, limit, stats)) as pieces:
                     async for piece in pieces:
                         if not produced:
                             produced = True
@@ -108,7 +106,7 @@ class OpenAILLM:
         return min(_BACKOFF_FIRST_S * 2.0**retries, cap) * random.uniform(0.5, 1.0)
 
     async def _attempt(
-        self, messages: list[ChatCompletionMessageParam], max_tokens: int | None, stats: StreamStats
+        self, messages: Sequence[ChatMessage], max_tokens: int | None, stats: StreamStats
     ) -> AsyncGenerator[str, None]:
         """One upstream request. Timeouts wrap each awaited read and never a `yield`: one that fired while we are
         suspended at a yield would cancel the consumer instead of us."""
@@ -121,7 +119,7 @@ class OpenAILLM:
         async with AsyncExitStack() as stack:
             body: dict[str, Any] = {
                 "model": self.model,
-                "messages": messages,
+                "messages": list(messages),
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
