@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import resource
@@ -82,6 +83,7 @@ class Stack:
         await self.http.post(f"{self.upstream_url}/pace", json={"tokens": tokens, "ttft_s": ttft_s, "gap_s": gap_s})
 
     async def upstream_timings(self) -> dict[str, list[float]]:
+        """For each request since the last `pace`, by its last message's text: arrived, first chunk, last chunk."""
         async with self.http.get(f"{self.upstream_url}/timings") as resp:
             return orjson.loads(await resp.read())  # type: ignore[no-any-return]
 
@@ -103,6 +105,8 @@ async def start_stack(database_url: str, redis_url: str) -> Stack:
         "LOG_LEVEL": "WARNING",
         "MESSAGES_PER_MINUTE": "100000",
         "HISTORY_LIMIT": "50",
+        # Summary jobs at once, as the summaries part measures (a value in .env must not defer them).
+        "SUMMARY_DELAY_S": "0",
     }
     server = await asyncio.create_subprocess_exec(python, "-m", "server", env=env, cwd=REPO)
     stack = Stack(server, upstream, f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{up_port}", database_url)
@@ -145,7 +149,7 @@ async def floor(stack: Stack, *, streams: int) -> dict[str, float]:
     await asyncio.gather(*(one(i) for i in range(streams)))
     elapsed = time.perf_counter() - started
     timings = await stack.upstream_timings()
-    own = [b - a for key, (a, b) in timings.items() if key.startswith("floor-")]
+    own = [first - arrived for key, (arrived, first, _) in timings.items() if key.startswith("floor-")]
     overhead = [t - o for t, o in zip(sorted(ttfts), sorted(own), strict=False)]
     return {
         "tokens_per_s": tokens / elapsed,
@@ -217,7 +221,7 @@ async def relay(stack: Stack, *, sessions: int, label: str, spread_s: float = 0.
         marker = f"{label}-{i}"
         if marker not in upstream or turn.first_delta is None:
             continue
-        arrived, first_chunk = upstream[marker]
+        arrived, first_chunk, _ = upstream[marker]
         own = first_chunk - arrived
         client_added.append(turn.first_delta - turn.sent - own)
         if marker in server_side:
@@ -294,9 +298,19 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--throughput-tokens", type=int, default=500)
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections for the memory run")
     parser.add_argument(
-        "--summary-sessions", default="1,50", help="sessions ending together, for the disconnect-to-summary runs"
+        "--summary-sessions",
+        default="1,50",
+        help="sessions ending together, for the disconnect-to-summary runs ('' and --summary-jobs 0: no summaries)",
     )
-    parser.add_argument("--summary-jobs", type=int, default=200, help="sessions ending together, for jobs/s")
+    parser.add_argument(
+        "--summary-jobs", type=int, default=200, help="sessions ending together, for the worker's jobs/s (0: none)"
+    )
+    parser.add_argument(
+        "--summary-min-sessions",
+        type=int,
+        default=20,
+        help="a summaries level smaller than this is run again (new sessions) until this many are measured",
+    )
     args = parser.parse_args(argv)
     database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
     redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
@@ -363,20 +377,38 @@ async def main(argv: list[str]) -> int:
 async def summary_runs(stack: Stack, redis_url: str, args: argparse.Namespace) -> None:
     from .summaries import start_worker, stop_worker, summaries  # it builds on this module
 
+    levels = [int(x) for x in args.summary_sessions.split(",") if x]
+    if args.summary_jobs:
+        levels.append(args.summary_jobs)
+    if not levels:
+        return
     # Summaries of 20 tokens, streamed at once: what is left is the pipeline's own time.
     await stack.pace(tokens=20, ttft_s=0, gap_s=0)
     worker = await start_worker(stack, redis_url)
     try:
-        print("\nsummaries (one worker process): from the client's close to the summary stored, minus the model's time")
-        print(f"{'sessions':>9} {'p50':>12} {'p99':>12} {'jobs/s':>9} {'worker CPU/job':>15}")
-        levels = [int(x) for x in args.summary_sessions.split(",") if x]
-        if args.summary_jobs:
-            levels.append(args.summary_jobs)
+        # Warm: the first job of a process pays one-time costs (the first upstream request, the first queries).
+        await summaries(stack, worker, sessions=1, label="sumwarm")
+        print(
+            f"\nsummaries (one worker process, pid {worker.pid}): from the client's close to the summary stored,"
+            " minus the model's own time"
+        )
+        n = args.summary_min_sessions
+        print(f"sessions closing together after one message each (a level under {n} runs in rounds until {n});")
+        print("'enqueued', 'started': from the close to the server enqueueing the job, and to the worker starting it;")
+        print("jobs/s: from the first job's start to the last one's end; CPU: the worker's per job ('-': too few)")
+        print(
+            f"{'sessions':>9} {'stored p50':>12} {'stored p99':>12} {'enqueued p50':>13} {'started p50':>12}"
+            f" {'jobs/s':>8} {'CPU/job':>10}"
+        )
         for run_no, level in enumerate(levels):
-            r = await summaries(stack, worker, sessions=level, label=f"sum{run_no}x{level}")
+            r = await summaries(
+                stack, worker, sessions=level, label=f"sum{run_no}x{level}", min_sessions=args.summary_min_sessions
+            )
+            rate = "-" if math.isnan(r["jobs_per_s"]) else f"{r['jobs_per_s']:,.0f}"
+            cpu = "-" if math.isnan(r["cpu_s_per_job"]) else _ms(r["cpu_s_per_job"])
             print(
-                f"{level:>9} {_ms(r['added_p50']):>12} {_ms(r['added_p99']):>12} {r['jobs_per_s']:>9,.1f}"
-                f" {r['cpu_ms_per_job']:>12.2f} ms"
+                f"{level:>9} {_ms(r['added_p50']):>12} {_ms(r['added_p99']):>12} {_ms(r['enqueued_p50']):>13}"
+                f" {_ms(r['started_p50']):>12} {rate:>8} {cpu:>10}"
             )
     finally:
         await stop_worker(worker)

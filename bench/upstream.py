@@ -28,15 +28,16 @@ def _chunk(content: str | None, finish: str | None = None) -> bytes:
 class Upstream:
     """Each reply is `tokens` chunks of one word, the first after `ttft_s`, then one every `gap_s`.
 
-    For every request it notes when the request arrived and when its first chunk was written
-    (`time.time()`), keyed by the last user message, so the bench can subtract the upstream's own time.
+    For every request it notes when the request arrived, when its first chunk was written and when its last was
+    (`time.time()`), keyed by the last message's text, so the bench can subtract the upstream's own time. (A
+    summary request's last message is the session's transcript.)
     """
 
     def __init__(self, *, tokens: int, ttft_s: float, gap_s: float) -> None:
         self.tokens = tokens
         self.ttft_s = ttft_s
         self.gap_s = gap_s
-        self.timings: dict[str, tuple[float, float]] = {}
+        self.timings: dict[str, tuple[float, float, float]] = {}
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -54,7 +55,9 @@ class Upstream:
         if self.ttft_s:
             await asyncio.sleep(self.ttft_s)
         await response.write(_chunk("w0 "))
-        self.timings[marker] = (arrived, time.time())
+        first = time.time()
+        # Until the stream ends, its last chunk is its first: a stream cut short was that long.
+        self.timings[marker] = (arrived, first, first)
         word = _chunk("w ")
         for _ in range(1, self.tokens):
             if self.gap_s:
@@ -62,6 +65,7 @@ class Upstream:
             await response.write(word)
         await response.write(_chunk(None, "stop") + _DONE)
         await response.write_eof()
+        self.timings[marker] = (arrived, first, time.time())
         return response
 
     async def get_timings(self, request: web.Request) -> web.Response:
