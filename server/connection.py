@@ -98,11 +98,7 @@ class Connection:
         """A newer connection takes the session over: stop the answer (the client still gets its `response.done`,
         and the partial answer is stored), close with 4000, and wait until this connection let go."""
         self._draining = True
-        if self._answer is not None:
-            self._answer.cancel()
-        self._wake.set()
-        if self._runner is not None:
-            await asyncio.gather(self._runner, return_exceptions=True)
+        await self._stop_turns()
         await self.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
         await self._closed.wait()
 
@@ -121,15 +117,20 @@ class Connection:
         self._close_sent = code
         await self._ws.close(code=code, message=message.encode())
 
-    async def _wind_down(self, on_closed: Callable[[], None]) -> None:
-        # The partial answer and the `disconnected` event are submitted before the session is let go,
-        # so they are stored in order, before anything a newer connection writes.
-        self._closing = True
+    async def _stop_turns(self) -> None:
+        """Cancel the answer in flight (its `response.done` still goes out) and wait for the turn runner to stop;
+        the caller has set `_draining` or `_closing`, so it starts no other turn."""
         if self._answer is not None:
             self._answer.cancel()
         self._wake.set()
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
+
+    async def _wind_down(self, on_closed: Callable[[], None]) -> None:
+        # The partial answer and the `disconnected` event are submitted before the session is let go,
+        # so they are stored in order, before anything a newer connection writes.
+        self._closing = True
+        await self._stop_turns()
         self._waiting.clear()
         close_code = self._close_sent or self._ws.close_code
         self.session.last_event = self._record(DISCONNECTED, None, {"close_code": close_code})
