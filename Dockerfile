@@ -17,6 +17,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && rm /tmp/requirements.txt
 
 # The code runs from /app (not installed), so it finds web/ and sql/ beside it.
+COPY core ./core
 COPY server ./server
 COPY worker ./worker
 COPY web ./web

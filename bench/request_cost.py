@@ -15,8 +15,8 @@ import time
 import aiohttp
 import openai
 
-from server.llm import ChatMessage, OpenAILLM, StreamStats
-from server.settings import Settings
+from core.llm import ChatMessage, OpenAILLM, StreamStats
+from core.settings import Settings
 
 from .run import REPO, _free_port, _wait_http
 

@@ -233,7 +233,7 @@ async def _round(stack: Stack, worker: Worker, *, sessions: int, label: str) -> 
 
 
 async def _job_results(worker: Worker, label: str, ids: list[str]) -> dict[str, dict[str, float]]:
-    """arq's record of each summary job of this round (job ids are `summary:<session>:<last event>`), by session:
+    """arq's record of each summary job of this round (job ids are `summary:<session>:<start>:<last message>`), by session:
     when it was enqueued, started and finished, on this machine's clock."""
     pattern = f"{_RESULT}summary:{label}-*"
     while True:
@@ -249,7 +249,7 @@ async def _job_results(worker: Worker, label: str, ids: list[str]) -> dict[str, 
         result = deserialize_result(raw)
         if not result.success or result.result.get("outcome") != "summarised":
             raise RuntimeError(f"summary job {key.decode()} did not summarise: {result.result!r}")
-        session_id = key.decode().removeprefix(f"{_RESULT}summary:").rsplit(":", 1)[0]
+        session_id = key.decode().removeprefix(f"{_RESULT}summary:").rsplit(":", 2)[0]
         jobs[session_id] = {
             "enqueued": result.enqueue_time.timestamp(),
             "started": result.start_time.timestamp(),

@@ -7,15 +7,16 @@ import sys
 
 from aiohttp import web
 
+from core.errors import ConfigError
+from core.logs import setup_logging
+from core.settings import Settings
+
 from .app import create_app, tune_gc
-from .errors import ConfigError
-from .logs import setup_logging
-from .settings import Settings
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["migrate"]:
-        from .store.migrate import main as migrate
+        from core.store.migrate import main as migrate
 
         return migrate(argv[1:])
     if argv:

@@ -10,12 +10,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from core.errors import StoreError
+from core.store import MESSAGE_TYPES, SessionRecord
+
 from .auth import AuthError, token_from
-from .errors import StoreError
 from .keys import AUTH, METRICS, REDIS, SETTINGS, STORE
 from .metrics import CONTENT_TYPE_LATEST
 from .protocol import SESSION_ID_RE, history_item, http_error
-from .store import MESSAGE_TYPES, SessionRecord
 
 log = logging.getLogger(__name__)
 

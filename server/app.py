@@ -11,15 +11,16 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from arq.connections import ArqRedis
 
+from core.llm import make_llm
+from core.settings import Settings
+from core.store import open_store
+
 from . import api, ws
 from .auth import Authenticator
 from .keys import AUTH, HUB, LLM_CLIENT, METRICS, PRESENCE, REDIS, SETTINGS, SOCKETS, STORE
-from .llm import make_llm
 from .metrics import Metrics
 from .presence import Presence
 from .sessions import Hub
-from .settings import Settings
-from .store import open_store
 
 log = logging.getLogger(__name__)
 

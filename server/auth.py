@@ -12,8 +12,8 @@ import aiohttp
 import jwt
 from aiohttp import hdrs, web
 
-from .errors import AppError
-from .settings import Settings
+from core.errors import AppError
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,16 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from core.errors import LLMError, ProtocolError
+from core.llm import LLM, StreamStats
+from core.settings import Settings
+from core.store import AI_MESSAGE, CONNECTED, DISCONNECTED, USER_MESSAGE, NewEvent
+
 from . import protocol
-from .errors import LLMError, ProtocolError
-from .llm import LLM, StreamStats
 from .metrics import Metrics
 from .protocol import Cancel, Ping, UserMessage
 from .ratelimit import TokenBucket, UserRateLimiter
 from .sessions import Session
-from .settings import Settings
-from .store import AI_MESSAGE, CONNECTED, DISCONNECTED, USER_MESSAGE, NewEvent
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from .llm import ChatMessage
-from .store import AI_MESSAGE, USER_MESSAGE, StoredEvent
+from core.llm import ChatMessage
+from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
 
 
 class Context:

@@ -7,13 +7,14 @@ import weakref
 from aiohttp import web
 from arq.connections import ArqRedis
 
+from core.llm import LLM
+from core.settings import Settings
+from core.store import Store
+
 from .auth import Authenticator
-from .llm import LLM
 from .metrics import Metrics
 from .presence import Presence
 from .sessions import Hub
-from .settings import Settings
-from .store import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)

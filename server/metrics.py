@@ -57,14 +57,5 @@ class Metrics:
             "rt_spooled_events", "Events waiting in the local spool for the store to come back", registry=r
         )
 
-        self.summary_jobs_enqueued = Counter(
-            "rt_summary_jobs_enqueued_total", "Summary jobs handed to the queue", registry=r
-        )
-        self.summary_enqueue_failures = Counter(
-            "rt_summary_enqueue_failures_total",
-            "Summary jobs Redis could not take (the sweeper catches up)",
-            registry=r,
-        )
-
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,7 +12,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from .jobs import held_key
+from core.jobs import held_key
 
 log = logging.getLogger(__name__)
 

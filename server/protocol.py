@@ -10,8 +10,8 @@ from typing import Any, Final
 
 import orjson
 
-from .errors import ProtocolError
-from .store import AI_MESSAGE, StoredEvent
+from core.errors import ProtocolError
+from core.store import AI_MESSAGE, StoredEvent
 
 SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_CLIENT_MSG_ID: Final = 128

@@ -10,15 +10,16 @@ from typing import TYPE_CHECKING
 
 from arq.connections import ArqRedis
 
+from core.errors import Forbidden, StoreError, StoreUnavailable
+from core.jobs import JobQueue, summary_job_id
+from core.settings import Settings
+from core.store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
+
 from .context import Context
-from .errors import Forbidden, StoreError, StoreUnavailable
-from .jobs import enqueue_summary
 from .metrics import Metrics
 from .presence import Presence
 from .ratelimit import UserRateLimiter
-from .settings import Settings
 from .spool import Spool
-from .store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
 from .writer import Committer, EventWriter
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Session:
         self.connection: Connection | None = None
         self.loaded = False
         self.ended_at: datetime | None = None
+        self.start_time: datetime | None = None
         # The `disconnected` event of the last connection: the state the summary job will cover.
         self.last_event: asyncio.Future[int] | None = None
         # Held while a connection attaches and while the session is being ended, so the two never cross.
@@ -65,6 +67,7 @@ class Hub:
         self._metrics = metrics
         self._settings = settings
         self._redis = redis
+        self._jobs = JobQueue(redis, registry=metrics.registry)
         self._presence = presence
         self._sessions: dict[str, Session] = {}
         self._endings: set[asyncio.Task[None]] = set()
@@ -163,6 +166,7 @@ class Hub:
         if not session.loaded:
             session.remember(history)
         session.ended_at = None
+        session.start_time = opened.record.start_time
         return opened, history
 
     async def _count_turns(self, session_id: str, history: list[StoredEvent]) -> int:
@@ -191,9 +195,8 @@ class Hub:
                 del self._sessions[session.id]
                 self._presence.release(session.id)
         if last_event_id is not None:
-            await enqueue_summary(
-                self._redis, self._metrics, session.id, last_event_id, delay_s=self._settings.summary_delay_s
-            )
+            job_id = summary_job_id(session.id, start_time=session.start_time, last_message_id=last_event_id)
+            await self._jobs.summary(session.id, job_id=job_id, delay_s=self._settings.summary_delay_s)
 
     async def _last_event_id(self, session: Session) -> int | None:
         last = session.last_event

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import orjson
 
-from .errors import ConfigError
+from core.errors import ConfigError
+from core.store import NewEvent, Store
+
 from .metrics import Metrics
-from .store import NewEvent, Store
 from .writer import Committer, EventWriter, Pending
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,10 @@ import random
 import time
 from datetime import datetime
 
-from .errors import StoreError, StoreUnavailable
+from core.errors import StoreError, StoreUnavailable
+from core.store import NewEvent, Store
+
 from .metrics import Metrics
-from .store import NewEvent, Store
 
 log = logging.getLogger(__name__)
 

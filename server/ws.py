@@ -8,10 +8,11 @@ import time
 
 from aiohttp import WSCloseCode, hdrs, web
 
+from core.errors import Forbidden, StoreError
+
 from . import protocol
 from .auth import AuthError, origin_allowed, token_from
 from .connection import Connection
-from .errors import Forbidden, StoreError
 from .keys import AUTH, HUB, LLM_CLIENT, METRICS, PRESENCE, SETTINGS, SOCKETS
 from .protocol import http_error
 

@@ -23,9 +23,9 @@ from aiohttp.test_utils import TestClient
 from arq.worker import Worker
 from redis.asyncio import Redis
 
+from core.settings import REPO_ROOT, Settings
+from core.store.migrate import migrate_postgres
 from server.app import create_app
-from server.settings import REPO_ROOT, Settings
-from server.store.migrate import migrate_postgres
 from tests.fakes.openai_server import FakeOpenAI
 from tests.supabase_env import ensure_auth_stand_in
 from worker.settings import worker_options

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from server.store.migrate import SQL_DIR, PgConnection, migrate_postgres
+from core.store.migrate import SQL_DIR, PgConnection, migrate_postgres
 
 SUPABASE_MIGRATION = SQL_DIR / "003_supabase.sql"
 

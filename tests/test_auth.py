@@ -13,8 +13,8 @@ import pytest_asyncio
 from aiohttp import WSMsgType, web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from server.errors import ConfigError
-from server.settings import Settings
+from core.errors import ConfigError
+from core.settings import Settings
 from tests.conftest import receive, receive_until
 
 SECRET = "test-jwt-secret-that-is-long-enough-for-hs256"

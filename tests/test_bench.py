@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 
-from server.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 
 async def test_the_bench_runs_and_prints_its_table(db, settings):

@@ -20,7 +20,7 @@ import pytest_asyncio
 from arq.worker import Worker
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
-from server.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 from tests.conftest import eventually, free_port, service_env
 from tests.fakes import openai_server as fake
 from worker.settings import worker_options

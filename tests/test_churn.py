@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType
 
-from server.jobs import held_key, summary_job_id
+from core.jobs import held_key, summary_job_id
 from tests.conftest import eventually, receive, receive_until
 
 SEED = 20241126
@@ -264,9 +264,15 @@ async def test_hundreds_of_sessions_churning_at_once_are_stored_exactly_once_in_
     async def all_ended_and_queued() -> bool:
         if await db.fetchval("select count(*) from sessions where end_time is null"):
             return False
-        last = await db.fetch("select session_id, max(id) as last_id from session_events group by session_id")
+        last = await db.fetch(
+            "select s.session_id, s.start_time, max(e.id) as last_id from sessions s"
+            " join session_events e using (session_id) group by s.session_id"
+        )
         queued = {m.decode() for m in await redis.zrange("arq:queue", 0, -1)}
-        return len(last) == SESSIONS and all(summary_job_id(r["session_id"], r["last_id"]) in queued for r in last)
+        return len(last) == SESSIONS and all(
+            summary_job_id(r["session_id"], start_time=r["start_time"], last_message_id=r["last_id"]) in queued
+            for r in last
+        )
 
     await eventually(all_ended_and_queued, timeout=20)
     await run_worker()

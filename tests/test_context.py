@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from core.store import StoredEvent
 from server.context import Context
-from server.store import StoredEvent
 
 
 def _event(i: int, kind: str, text: str, **meta: object) -> StoredEvent:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 
 def compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from server.errors import LLMError, LLMRateLimited, LLMUnavailable
-from server.llm import LLM, ChatMessage, OfflineLLM, OpenAILLM, StreamStats, make_llm
-from server.settings import Settings
+from core.errors import LLMError, LLMRateLimited, LLMUnavailable
+from core.llm import LLM, ChatMessage, OfflineLLM, OpenAILLM, StreamStats, make_llm
+from core.settings import Settings
 from tests.fakes import openai_server as fake_api
 from tests.fakes.openai_server import FakeOpenAI
 

@@ -6,7 +6,7 @@ import logging
 
 import orjson
 
-from server.logs import JSONFormatter, TextFormatter
+from core.logs import JSONFormatter, TextFormatter
 
 
 def _record(message: str, **fields: object) -> logging.LogRecord:

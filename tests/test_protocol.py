@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import ProtocolError
 from server import protocol
-from server.errors import ProtocolError
 from server.protocol import Cancel, Ping, UserMessage, parse_frame
 
 

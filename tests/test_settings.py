@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from server.errors import ConfigError
-from server.settings import REPO_ROOT, Settings
+from core.errors import ConfigError
+from core.settings import REPO_ROOT, Settings
 
 
 def test_defaults_need_nothing_and_use_the_offline_model(tmp_path):

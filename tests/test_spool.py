@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 import pytest
 
-from server.errors import ConfigError
+from core.errors import ConfigError
 from tests.conftest import eventually, receive, receive_until, start_server
 
 

@@ -21,14 +21,14 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from server.errors import ConfigError, StoreError, StoreUnavailable
-from server.settings import Settings
-from server.store import AI_MESSAGE, CONNECTED, USER_MESSAGE, NewEvent, Store, SummaryState, open_store
-from server.store.migrate import main as migrate_main
-from server.store.migrate import migrate_postgres, migrate_url, postgres_migrations, sqlite_migrations
-from server.store.postgres import PostgresStore
-from server.store.sqlite import SQLiteStore
-from server.store.supabase import SupabaseStore
+from core.errors import ConfigError, StoreError, StoreUnavailable
+from core.settings import Settings
+from core.store import AI_MESSAGE, CONNECTED, USER_MESSAGE, NewEvent, Store, SummaryState, open_store
+from core.store.migrate import main as migrate_main
+from core.store.migrate import migrate_postgres, migrate_url, postgres_migrations, sqlite_migrations
+from core.store.postgres import PostgresStore
+from core.store.sqlite import SQLiteStore
+from core.store.supabase import SupabaseStore
 from tests.fakes.postgrest import Failure, FakePostgREST
 from tests.supabase_env import prepare_supabase_database
 

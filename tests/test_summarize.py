@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from server.llm import OfflineLLM
-from server.settings import Settings
-from server.store import StoredEvent
+from core.llm import OfflineLLM
+from core.settings import Settings
+from core.store import StoredEvent
 from worker.summarize import chunk, summarize, transcript_lines
 
 

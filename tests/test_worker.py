@@ -17,8 +17,8 @@ import pytest
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
-from server.jobs import SWEEP_JOB
-from server.settings import REPO_ROOT
+from core.jobs import SWEEP_JOB
+from core.settings import REPO_ROOT
 from tests.conftest import eventually, free_port, receive, receive_until, service_env, start_server
 from tests.fakes import openai_server as fake
 from worker import cli

@@ -12,9 +12,9 @@ def __getattr__(name: str) -> Any:
     # value must stop the worker with one line, not a traceback.
     if name != "WorkerSettings":
         raise AttributeError(name)
-    from server.errors import ConfigError
-    from server.logs import setup_logging
-    from server.settings import Settings
+    from core.errors import ConfigError
+    from core.logs import setup_logging
+    from core.settings import Settings
 
     from .settings import build_worker_settings
 

@@ -14,10 +14,10 @@ from arq.connections import ArqRedis
 from arq.jobs import Job
 from redis.exceptions import RedisError
 
-from server.errors import ConfigError, StoreError
-from server.jobs import SUMMARIZE_JOB
-from server.settings import Settings
-from server.store import Store, SummaryState, open_store
+from core.errors import ConfigError, StoreError
+from core.jobs import SUMMARIZE_JOB
+from core.settings import Settings
+from core.store import Store, SummaryState, open_store
 
 _ALL_LIMIT = 1_000_000
 

@@ -11,11 +11,11 @@ from arq import Retry
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from server.errors import LLMError, StoreError
-from server.jobs import SUMMARIZE_JOB, held_key, summary_job_id
-from server.llm import LLM, make_llm
-from server.settings import Settings
-from server.store import MESSAGE_TYPES, Store, open_store
+from core.errors import LLMError, StoreError
+from core.jobs import SUMMARIZE_JOB, held_key, summary_job_id
+from core.llm import LLM, make_llm
+from core.settings import Settings
+from core.store import MESSAGE_TYPES, Store, open_store
 
 from .metrics import WorkerMetrics
 from .summarize import summarize
@@ -128,7 +128,9 @@ async def sweep_sessions(ctx: dict[str, Any]) -> dict[str, int]:
             ctx["metrics"].swept.labels("ended").inc()
             ended += 1
         job = await redis.enqueue_job(
-            SUMMARIZE_JOB, state.session_id, _job_id=summary_job_id(state.session_id, state.last_event_id)
+            SUMMARIZE_JOB,
+            state.session_id,
+            _job_id=summary_job_id(state.session_id, start_time=state.start_time, last_message_id=state.last_event_id),
         )
         if job is not None:
             ctx["metrics"].swept.labels("enqueued").inc()

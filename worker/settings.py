@@ -7,8 +7,8 @@ from typing import Any
 from arq import cron, func
 from arq.connections import RedisSettings
 
-from server.jobs import SUMMARIZE_JOB, SWEEP_JOB
-from server.settings import Settings
+from core.jobs import SUMMARIZE_JOB, SWEEP_JOB
+from core.settings import Settings
 
 from .jobs import shutdown, startup, summarize_session, sweep_sessions
 

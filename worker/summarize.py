@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.llm import LLM, ChatMessage
-from server.settings import OFFLINE_MODEL, Settings
-from server.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
+from core.llm import LLM, ChatMessage
+from core.settings import OFFLINE_MODEL, Settings
+from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
 
 _COMBINE = (
     "These are summaries of consecutive parts of one conversation, in order. Merge them into a single summary "

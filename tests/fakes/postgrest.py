@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from server.store.migrate import PgConnection
+from core.store.migrate import PgConnection
 from tests.fakes.postgrest_tables import NAME, Refused, Statement, Table, ident, json_body, unsupported
 
 JWT_SECRET = "a-test-jwt-secret-of-at-least-32-characters"

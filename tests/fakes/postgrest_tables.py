@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from server.store.migrate import PgConnection
+from core.store.migrate import PgConnection
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _COMPARE = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}

@@ -87,6 +87,11 @@ def _optional(text: str) -> str | None:
     return text.strip() or None
 
 
+def _hosts(text: str) -> tuple[str, ...] | None:
+    hosts = tuple(h.strip().lower() for h in text.split(",") if h.strip())
+    return hosts or None
+
+
 def _http_url(text: str) -> str | None:
     text = text.strip()
     if not text:
@@ -135,6 +140,8 @@ class Settings:
     openai_base_url: str | None = field(default=None, metadata=_env("OPENAI_BASE_URL", _http_url))
     openai_model: str = field(default="gpt-4o-mini", metadata=_env("OPENAI_MODEL"))
     openai_max_tokens: int | None = field(default=None, metadata=_env("OPENAI_MAX_TOKENS", _positive_int))
+    # An answer longer than this is cut there and stored with `truncated` in its metadata.
+    max_answer_chars: int = field(default=100_000, metadata=_env("MAX_ANSWER_CHARS", _positive_int))
     system_prompt: str = field(
         default="You are a helpful assistant in a realtime chat. Answer clearly and concisely.",
         metadata=_env("SYSTEM_PROMPT"),
@@ -158,6 +165,7 @@ class Settings:
     supabase_url: str | None = field(default=None, metadata=_env("SUPABASE_URL", _http_url))
     supabase_service_role_key: str | None = field(default=None, metadata=_env("SUPABASE_SERVICE_ROLE_KEY", _optional))
     redis_url: str = field(default="redis://localhost:6379", metadata=_env("REDIS_URL", _redis_url))
+    redis_max_connections: int = field(default=64, metadata=_env("REDIS_MAX_CONNECTIONS", _positive_int))
     store_retry_max_s: float = field(default=5.0, metadata=_env("STORE_RETRY_MAX_S", _positive_float))
     store_connect_timeout_s: float = field(default=5.0, metadata=_env("STORE_CONNECT_TIMEOUT_S", _positive_float))
     # Writes the store cannot take for SPOOL_AFTER_S, or past SPOOL_MAX_PENDING events, move to files here.
@@ -180,11 +188,12 @@ class Settings:
     summary_max_tries: int = field(default=5, metadata=_env("SUMMARY_MAX_TRIES", _positive_int))
     summary_retry_base_s: float = field(default=5.0, metadata=_env("SUMMARY_RETRY_BASE_S", _positive_float))
     summary_job_timeout_s: float = field(default=300.0, metadata=_env("SUMMARY_JOB_TIMEOUT_S", _positive_float))
-    session_stale_s: float = field(default=900.0, metadata=_env("SESSION_STALE_S", _positive_float))
+    session_stale_s: float = field(default=30.0, metadata=_env("SESSION_STALE_S", _positive_float))
     takeover_wait_s: float = field(default=5.0, metadata=_env("TAKEOVER_WAIT_S", _positive_float))
-    presence_ttl_s: float = field(default=60.0, metadata=_env("PRESENCE_TTL_S", _positive_float))
+    presence_ttl_s: float = field(default=15.0, metadata=_env("PRESENCE_TTL_S", _positive_float))
     worker_metrics_port: int = field(default=9191, metadata=_env("WORKER_METRICS_PORT", _port_or_zero))
     sweep_batch: int = field(default=200, metadata=_env("SWEEP_BATCH", _positive_int))
+    worker_max_jobs: int = field(default=200, metadata=_env("WORKER_MAX_JOBS", _positive_int))
 
     # Who may connect.
     auth_jwt_secret: str | None = field(default=None, metadata=_env("AUTH_JWT_SECRET", _optional))
@@ -194,6 +203,8 @@ class Settings:
     auth_jwks_cache_s: float = field(default=600.0, metadata=_env("AUTH_JWKS_CACHE_S", _positive_float))
     auth_disabled: bool = field(default=False, metadata=_env("AUTH_DISABLED", _bool))
     allowed_origins: tuple[str, ...] | None = field(default=None, metadata=_env("ALLOWED_ORIGINS", _origins))
+    # Host header values served; None: the loopback names and HOST when authentication is off, any otherwise.
+    allowed_hosts: tuple[str, ...] | None = field(default=None, metadata=_env("ALLOWED_HOSTS", _hosts))
 
     # The server.
     host: str = field(default="127.0.0.1", metadata=_env("HOST"))
@@ -202,6 +213,9 @@ class Settings:
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL", _log_level))
     log_format: str = field(default="text", metadata=_env("LOG_FORMAT", _log_format))
     ws_heartbeat_s: float = field(default=30.0, metadata=_env("WS_HEARTBEAT_S", _positive_float))
+    # A send that cannot drain within this, or a connection with more than this buffered, loses its socket.
+    send_timeout_s: float = field(default=10.0, metadata=_env("SEND_TIMEOUT_S", _positive_float))
+    max_send_buffer_bytes: int = field(default=4 * 1024 * 1024, metadata=_env("MAX_SEND_BUFFER_BYTES", _positive_int))
     shutdown_drain_s: float = field(default=20.0, metadata=_env("SHUTDOWN_DRAIN_S", _non_negative_float))
     shutdown_flush_s: float = field(default=10.0, metadata=_env("SHUTDOWN_FLUSH_S", _positive_float))
 
