@@ -233,7 +233,7 @@ async def _round(stack: Stack, worker: Worker, *, sessions: int, label: str) -> 
 
 
 async def _job_results(worker: Worker, label: str, ids: list[str]) -> dict[str, dict[str, float]]:
-    """arq's record of each summary job of this round (job ids are `summary:<session>:<start>:<last message>`), by session:
+    """arq's record of each summary job of this round, by session (job ids: `summary:<session>:<start>:<last>`):
     when it was enqueued, started and finished, on this machine's clock."""
     pattern = f"{_RESULT}summary:{label}-*"
     while True:
