@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from aiohttp import web
-
 from core.errors import ConfigError
 from core.logs import setup_logging
 from core.settings import Settings
 
+from . import serve
 from .app import create_app, tune_gc
 
 
@@ -32,7 +31,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("server").info("listening", extra={"fields": {"url": url}})
     app = create_app(settings)
     app.on_startup.append(tune_gc)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, shutdown_timeout=10)
+    serve.run(app, host=settings.host, port=settings.port)
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import weakref
@@ -11,16 +10,39 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from arq.connections import ArqRedis
 
+from core.jobs import JobQueue
 from core.llm import make_llm
 from core.settings import Settings
 from core.store import open_store
+from core.tasks import TaskSet
 
 from . import api, ws
 from .auth import Authenticator
-from .keys import AUTH, HUB, LLM_CLIENT, METRICS, PRESENCE, REDIS, SETTINGS, SOCKETS, STORE
+from .eventlog import EventLog
+from .keys import (
+    ADMISSION,
+    ATTACHER,
+    AUTH,
+    LIFECYCLE,
+    LLM_CLIENT,
+    METRICS,
+    PRESENCE,
+    REDIS,
+    REGISTRY,
+    SETTINGS,
+    SOCKETS,
+    STORE,
+    USER_RATE,
+)
+from .live.admission import Admission
+from .live.attach import Attacher
+from .live.conversation import Conversation
+from .live.lifecycle import Lifecycle
+from .live.presence import Presence
+from .live.registry import Registry
+from .live.session import Session
 from .metrics import Metrics
-from .presence import Presence
-from .sessions import Hub
+from .ratelimit import UserRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +58,13 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     # Connects lazily: a Redis that is down must not keep the chat from starting.
     settings = app[SETTINGS]
-    redis = ArqRedis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    redis = ArqRedis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        # Bounded: a pool without a cap grows with every burst of concurrent commands and never shrinks.
+        max_connections=settings.redis_max_connections,
+    )
     app[REDIS] = redis
     yield
     await redis.aclose()
@@ -70,20 +98,35 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
     await auth.close()
 
 
-async def _hub(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    presence = Presence(app[REDIS], ttl_s=settings.presence_ttl_s, takeover_wait_s=settings.takeover_wait_s)
-    hub = Hub(app[STORE], app[METRICS], settings, redis=app[REDIS], presence=presence)
-    presence.on_release_request(hub.release_request)
-    hub.start()
-    refresher = asyncio.create_task(presence.run(), name="presence")
-    app[HUB] = hub
-    app[PRESENCE] = presence
+async def _live(app: web.Application) -> AsyncIterator[None]:
+    """The live sessions: the event log, the lease between servers, the registry, and how sessions end."""
+    settings, store, metrics, redis = app[SETTINGS], app[STORE], app[METRICS], app[REDIS]
+    eventlog = EventLog(store, metrics, settings)
+    presence = Presence(redis, ttl_s=settings.presence_ttl_s, takeover_wait_s=settings.takeover_wait_s)
+    llm = app[LLM_CLIENT]
+
+    def make_session(session_id: str) -> Session:
+        writer = eventlog.writer()
+        conversation = Conversation(session_id, writer=writer, llm=llm, settings=settings, metrics=metrics)
+        return Session(session_id, writer=writer, conversation=conversation)
+
+    lifecycle: Lifecycle | None = None
+    registry = Registry(make_session, on_idle=lambda session: lifecycle.session_idle(session))  # type: ignore[union-attr]
+    lifecycle = Lifecycle(registry, eventlog, store, JobQueue(redis, registry=metrics.registry), presence, settings)
+    user_rate = UserRateLimiter(redis, settings.user_messages_per_minute)
+    presence.on_release_request(registry.release_request)
+    eventlog.start()
+    background = TaskSet()
+    background.spawn(presence.run(), name="presence")
+    background.spawn(registry.sweep_stalled(), name="stalled-sockets")
+    app[PRESENCE], app[REGISTRY], app[LIFECYCLE], app[USER_RATE] = presence, registry, lifecycle, user_rate
+    app[ADMISSION] = Admission(settings, user_rate)
+    app[ATTACHER] = Attacher(store, eventlog, presence, settings)
     yield
     # Runs after on_shutdown closed the sockets: give their last writes time to land before the store closes.
-    await hub.close(within_s=settings.shutdown_flush_s)
-    refresher.cancel()
-    await asyncio.gather(refresher, return_exceptions=True)
+    await lifecycle.close(within_s=settings.shutdown_flush_s)
+    await user_rate.close()
+    await background.cancel()
     await presence.close()
 
 
@@ -106,7 +149,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SOCKETS] = weakref.WeakSet()
-    app.cleanup_ctx.extend([_store, _redis, _llm, _auth, _hub])
+    app.cleanup_ctx.extend([_store, _redis, _llm, _auth, _live])
     app.on_shutdown.append(ws.close_sockets)
     app.router.add_get("/", api.index)
     app.router.add_get("/ws/session/{session_id}", ws.session_socket)

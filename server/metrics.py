@@ -35,7 +35,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.tokens_streamed = Counter("rt_deltas_streamed_total", "Delta frames sent to clients", registry=r)
+        self.deltas_streamed = Counter("rt_deltas_streamed_total", "Delta frames sent to clients", registry=r)
         self.completion_tokens = Counter(
             "rt_completion_tokens_total", "Tokens the model generated, as its usage reports them", registry=r
         )

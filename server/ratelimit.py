@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class UserRateLimiter:
         self._buckets: dict[str, TokenBucket] = {}
         # user -> monotonic time until which the shared count says no.
         self._blocked: dict[str, float] = {}
-        self._counting: set[asyncio.Task[None]] = set()
+        self._counting = TaskSet()
 
     def allow(self, user_id: str) -> bool:
         if (until := self._blocked.get(user_id)) is not None:
@@ -67,9 +68,7 @@ class UserRateLimiter:
             bucket = self._buckets[user_id] = TokenBucket(self._per_minute)
         if not bucket.allow():
             return False
-        task = asyncio.create_task(self._count(user_id))
-        self._counting.add(task)
-        task.add_done_callback(self._counting.discard)
+        self._counting.spawn(self._count(user_id))
         return True
 
     def forget(self, user_id: str) -> None:
@@ -79,9 +78,7 @@ class UserRateLimiter:
             del self._buckets[user_id]
 
     async def close(self) -> None:
-        for task in self._counting:
-            task.cancel()
-        await asyncio.gather(*self._counting, return_exceptions=True)
+        await self._counting.cancel()
 
     async def _count(self, user_id: str) -> None:
         now = time.time()

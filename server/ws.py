@@ -12,8 +12,10 @@ from core.errors import Forbidden, StoreError
 
 from . import protocol
 from .auth import AuthError, origin_allowed, token_from
-from .connection import Connection
-from .keys import AUTH, HUB, LLM_CLIENT, METRICS, PRESENCE, SETTINGS, SOCKETS
+from .keys import ADMISSION, ATTACHER, AUTH, LIFECYCLE, LLM_CLIENT, METRICS, REGISTRY, SETTINGS, SOCKETS, USER_RATE
+from .live.admission import SERVER_BUSY
+from .live.connection import Connection
+from .live.outbox import Outbox
 from .protocol import http_error
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
         return _refuse(426, "upgrade_required", "this route speaks WebSocket only")
 
     app = request.app
-    settings, hub, metrics, auth = app[SETTINGS], app[HUB], app[METRICS], app[AUTH]
+    settings, metrics, auth, admission = app[SETTINGS], app[METRICS], app[AUTH], app[ADMISSION]
     if not origin_allowed(request, settings):
         return _refuse(403, "origin_not_allowed", "pages from this origin may not connect")
     identity = None
@@ -53,24 +55,19 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
         except AuthError as e:
             return _refuse(401, "unauthorized", str(e))
     user_id = None if identity is None else identity.user_id
-    refusal = hub.admit(user_id)
-    if refusal == "server_busy":
+    refusal = admission.admit(user_id)
+    if refusal == SERVER_BUSY:
         return _refuse(503, refusal, "this server holds as many connections as it may; try another or retry later")
     if refusal is not None:
         return _refuse(429, refusal, "you have too many connections open; close one first")
-    session = hub.checkout(session_id)
+
+    registry = app[REGISTRY]
+    session = registry.checkout(session_id)
     attached = False
     try:
         async with session.lock:
             try:
-                # Before anything touches the session: a stranger must not even close its owner's socket.
-                if identity is not None:
-                    await hub.check_owner(session, identity.user_id)
-                # One server per session: another server holding it closes its socket (4000) and lets go.
-                await app[PRESENCE].claim(session_id)
-                if session.connection is not None:
-                    await session.connection.replace()
-                opened, history = await hub.open(session, owner_id=user_id)
+                opened, history = await app[ATTACHER].attach(session, user_id=user_id)
             except Forbidden as e:
                 return _refuse(403, "forbidden", str(e))
             except (StoreError, TimeoutError) as e:
@@ -80,21 +77,27 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
                 return _refuse(503, "store_unavailable", "the database is not answering; try again shortly")
             ws = web.WebSocketResponse(max_msg_size=settings.max_frame_bytes, heartbeat=settings.ws_heartbeat_s)
             await ws.prepare(request)
+            outbox = Outbox(
+                ws,
+                request.transport,
+                timeout_s=settings.send_timeout_s,
+                max_buffer_bytes=settings.max_send_buffer_bytes,
+            )
             conn = Connection(
                 session,
                 ws,
-                llm=app[LLM_CLIENT],
+                outbox,
                 settings=settings,
                 metrics=metrics,
                 user_id=user_id,
-                user_rate=hub.user_rate,
+                user_rate=app[USER_RATE],
             )
-            session.connection = conn
+            session.attach(conn)
             attached = True
     finally:
         if not attached:
-            hub.checkin(session)
-            hub.leave(user_id)
+            registry.checkin(session)
+            admission.leave(user_id)
 
     resumed = not opened.created
     ready = protocol.session_ready(
@@ -115,21 +118,20 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
         if expiry is not None:
             expiry.cancel()
         metrics.open_sockets.dec()
-        hub.checkin(session)
-        hub.leave(user_id)
+        registry.checkin(session)
+        admission.leave(user_id)
 
     await conn.run(ready, on_closed=closed)
     return ws
 
 
 async def close_sockets(app: web.Application) -> None:
-    """on_shutdown (the listener is already closed): let answers in flight finish (SHUTDOWN_DRAIN_S) and their
-    writes land (SHUTDOWN_FLUSH_S), then tell every client the server is going away (1001) so it reconnects."""
-    hub, settings = app[HUB], app[SETTINGS]
-    await hub.finish_answers(within_s=settings.shutdown_drain_s)
-    await hub.flush(within_s=settings.shutdown_flush_s)
+    """on_shutdown: tell every client the server is going away (1001) so it reconnects. The drain ran before,
+    while the sockets were still read (`server.serve`); a runner that did not (a test server) drains here."""
+    settings = app[SETTINGS]
+    await app[LIFECYCLE].wind_down(drain_s=settings.shutdown_drain_s, flush_s=settings.shutdown_flush_s)
     # Through the connections, so each records 1001 (not the client's reply) on its `disconnected` event.
-    await hub.close_connections(WSCloseCode.GOING_AWAY, "server shutting down")
+    await app[LIFECYCLE].close_connections(WSCloseCode.GOING_AWAY, "server shutting down")
     sockets = [*app[SOCKETS]]
     closing = (ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets)
     await asyncio.gather(*closing, return_exceptions=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from core.store import StoredEvent
-from server.context import Context
+from server.live.context import Context
 
 
 def _event(i: int, kind: str, text: str, **meta: object) -> StoredEvent:

@@ -71,10 +71,9 @@ async def test_redis_restarting_mid_conversation_disturbs_nothing_and_the_summar
     assert (await _ask(ws, "after redis is back", "m3"))[-1]["status"] == "completed"
     await ws.close()
 
-    # The end of the session is queued on the restarted Redis for the worker.
-    last_id = await eventually(
-        lambda: db.fetchval("select max(id) from session_events where event_type = 'disconnected'")
-    )
+    # The end of the session is queued on the restarted Redis for the worker, as of its last message.
+    await eventually(lambda: db.fetchval("select max(id) from session_events where event_type = 'disconnected'"))
+    last_id = await db.fetchval("select max(id) from session_events where event_type = 'ai_message'")
     assert await eventually(lambda: redis.keys(f"arq:job:summary:s1:*:{last_id}"), timeout=10)
 
 

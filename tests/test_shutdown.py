@@ -62,3 +62,47 @@ async def test_sigterm_mid_answer_finishes_it_closes_with_1001_and_loses_nothing
     assert stored == {"user": rows[1]["id"], "assistant": rows[2]["id"]}
     assert await db.fetchval("select end_time from sessions where session_id = 's1'") is not None
     assert await redis.keys("arq:job:summary:s1:*")
+
+
+async def test_during_the_drain_messages_are_stored_and_refused_and_cancel_still_works(db, redis, fake_llm, settings):
+    # Slow enough that the drain is still running when the client speaks.
+    fake_llm.script(fake.slow(0.1, text=LONG_ANSWER))
+    server, port = await start_server(settings, SHUTDOWN_DRAIN_S="20")
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws/session/s1")
+            await receive(ws)
+            await ws.send_str(orjson.dumps({"type": "message", "text": "tell me", "client_msg_id": "m1"}).decode())
+            events = []
+            while not any(e["type"] == "response.delta" for e in events):
+                events.append(await receive(ws))
+            server.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)  # The drain has begun: the listener is closed, the socket still read.
+
+            await ws.send_str(orjson.dumps({"type": "message", "text": "one more", "client_msg_id": "m2"}).decode())
+            async with asyncio.timeout(5):
+                while not any(e["type"] == "error" for e in events):
+                    events.append(await receive(ws))
+            await ws.send_str(orjson.dumps({"type": "cancel"}).decode())
+            async with asyncio.timeout(5):
+                while not any(e["type"] == "response.done" for e in events):
+                    events.append(await receive(ws))
+            async with asyncio.timeout(10):
+                while (msg := await ws.receive()).type is aiohttp.WSMsgType.TEXT:
+                    events.append(orjson.loads(msg.data))
+        async with asyncio.timeout(20):
+            assert await server.wait() == 0
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+    error = next(e for e in events if e["type"] == "error")
+    assert error["code"] == "shutting_down"
+    # The cancel stopped the answer long before its 3 s of tokens.
+    assert next(e for e in events if e["type"] == "response.done")["status"] == "cancelled"
+    rows = await db.fetch("select event_type, client_msg_id from session_events where session_id = 's1' order by id")
+    messages = [r["client_msg_id"] for r in rows if r["event_type"] == "user_message"]
+    assert messages == ["m1", "m2"]
+    acked = {e.get("client_msg_id") for e in events if e["type"] == "message.stored" and e["role"] == "user"}
+    assert acked == {"m1", "m2"}

@@ -62,3 +62,53 @@ async def test_a_connection_on_another_server_takes_the_session_over_and_sees_ev
     kinds = [r["event_type"] for r in await db.fetch("select event_type from session_events order by id")]
     assert kinds[:4] == ["connected", "user_message", "ai_message", "disconnected"]
     assert kinds[4:7] == ["connected", "user_message", "ai_message"]
+
+
+async def test_in_a_reconnect_storm_every_message_is_stored_and_acknowledged_or_refused_by_the_close(
+    make_client, fake_llm, db
+):
+    """Thirty connections to one session at once, each sending one plain-text message: each message ends either
+    stored and acknowledged, or not stored on a socket the server closed (4000: the client resends it)."""
+    import asyncio
+
+    client = await make_client()
+    clients = 30
+
+    async def one(n: int) -> tuple[str, bool, int | None]:
+        text = f"storm message {n}"
+        ws = await client.ws_connect("/ws/session/storm")
+        acked = done = False
+        try:
+            msg = await ws.receive(timeout=20)
+            if msg.type is not WSMsgType.TEXT:
+                return text, False, ws.close_code
+            await ws.send_str(text)
+            while True:
+                msg = await ws.receive(timeout=20)
+                if msg.type is not WSMsgType.TEXT:
+                    return text, acked, ws.close_code
+                event = orjson.loads(msg.data)
+                if event["type"] == "message.stored" and event["role"] == "user":
+                    acked = True
+                done = done or event["type"] == "response.done"
+                if acked and done:
+                    return text, acked, None
+        finally:
+            await ws.close()
+
+    outcomes = await asyncio.gather(*(one(n) for n in range(clients)))
+
+    async def settled() -> list[str]:
+        await asyncio.sleep(0.5)
+        rows = await db.fetch(
+            "select content from session_events where session_id = 'storm' and event_type = 'user_message' order by id"
+        )
+        return [r["content"] for r in rows]
+
+    stored = await settled()
+    assert len(stored) == len(set(stored)), "a message was stored twice"
+    acked = {text for text, was_acked, _ in outcomes if was_acked}
+    assert set(stored) == acked, "stored without an acknowledgement, or acknowledged without being stored"
+    for text, was_acked, close_code in outcomes:
+        if not was_acked:
+            assert close_code == 4000, f"{text!r} was neither acknowledged nor refused by a 4000 close"

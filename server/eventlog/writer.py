@@ -11,7 +11,7 @@ from datetime import datetime
 from core.errors import StoreError, StoreUnavailable
 from core.store import NewEvent, Store
 
-from .metrics import Metrics
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,10 @@ class EventWriter:
     with its id once committed, or fails if the store refuses that event outright.
     """
 
-    __slots__ = ("_committer", "_idle", "_in_flight", "_queue", "session_id")
+    __slots__ = ("_committer", "_idle", "_in_flight", "_queue")
 
-    def __init__(self, committer: Committer, *, session_id: str) -> None:
+    def __init__(self, committer: Committer) -> None:
         self._committer = committer
-        self.session_id = session_id
         self._queue: list[Pending] = []
         # How many events at the front of the queue are being committed now.
         self._in_flight = 0
@@ -125,8 +124,8 @@ class Committer:
         self._tasks: list[asyncio.Task[None]] = []
         self.pending = 0
 
-    def writer(self, session_id: str) -> EventWriter:
-        return EventWriter(self, session_id=session_id)
+    def writer(self) -> EventWriter:
+        return EventWriter(self)
 
     def pending_changed(self, delta: int) -> None:
         self.pending += delta

@@ -23,9 +23,6 @@ class Context:
         self._turns: deque[ChatMessage] = deque()
         self._chars = 0
 
-    def __len__(self) -> int:
-        return len(self._turns)
-
     def add(self, role: str, text: str) -> None:
         message: ChatMessage = {"role": "assistant" if role == "assistant" else "user", "content": text}
         self._turns.append(message)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from contextlib import suppress
-from typing import Any
 
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core.jobs import held_key
+from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Presence:
         self._takeover_wait_s = takeover_wait_s
         self._held: set[str] = set()
         self.server_id = secrets.token_hex(6)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._on_release_request: Callable[[str], None] = lambda session_id: None
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -98,7 +98,7 @@ class Presence:
 
     def release(self, session_id: str) -> None:
         self._held.discard(session_id)
-        self._spawn(self._let_go(session_id))
+        self._tasks.spawn(self._let_go(session_id))
 
     async def run(self) -> None:
         """Renew the leases and answer release requests; runs until cancelled."""
@@ -112,9 +112,7 @@ class Presence:
             await asyncio.gather(listener, return_exceptions=True)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
 
     async def _renew_all(self) -> None:
         held = list(self._held)
@@ -157,8 +155,3 @@ class Presence:
         # When Redis is away the lease simply expires.
         with suppress(RedisError, OSError):
             await self._release(keys=[held_key(session_id)], args=[self.server_id])
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

@@ -23,7 +23,7 @@ import orjson
 from core.errors import ConfigError
 from core.store import NewEvent, Store
 
-from .metrics import Metrics
+from ..metrics import Metrics
 from .writer import Committer, EventWriter, Pending
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Spool:
     async def _replay(self) -> None:
         committer = Committer(self._store, self._metrics, max_backoff_s=self._retry_max_s)
         try:
-            await self._replay_segments(committer.writer("(spool)"))
+            await self._replay_segments(committer.writer())
         finally:
             await committer.close()
 

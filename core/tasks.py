@@ -1,0 +1,39 @@
+"""Background tasks that nobody awaits: kept referenced until done, and cancelled together at the end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+
+class TaskSet:
+    """A set of fire-and-forget tasks (asyncio keeps only weak references to running tasks)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    async def wait(self, *, within_s: float | None = None) -> None:
+        """Let the tasks finish for up to `within_s`; cancel the late ones and wait for them to go."""
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=within_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def cancel(self) -> None:
+        await self.wait(within_s=0)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # Retrieved: a failure is logged where it happens, never as "never retrieved".

@@ -1,0 +1,124 @@
+"""One answer: streaming the model's pieces to the session's sink, and what is stored and counted when it ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import LLMError
+from core.llm import LLM, ChatMessage, StreamStats
+
+from .. import protocol
+from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Turn:
+    """A user message waiting for, or getting, its answer."""
+
+    text: str
+    client_msg_id: str | None
+    received_at: float  # time.time(), comparable with other processes' clocks on the machine
+
+
+@dataclass(slots=True)
+class Answer:
+    """What one answer produced so far; filled in while it streams, so it is there when it fails or is stopped."""
+
+    response_id: str
+    parts: list[str] = field(default_factory=list)
+    stats: StreamStats = field(default_factory=StreamStats)
+    truncated: bool = False
+    first_delta_at: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+async def stream(llm: LLM, messages: Sequence[ChatMessage], answer: Answer, send: Send, *, max_chars: int) -> None:
+    """Relay the model's pieces as `response.delta` frames; an answer longer than `max_chars` is cut there.
+
+    The hot path: per piece one append, one frame and one send that normally completes without suspending.
+    """
+    delta, rid, parts = protocol.response_delta, answer.response_id, answer.parts
+    room = max_chars
+    async with aclosing(llm.stream(messages, answer.stats)) as pieces:
+        async for piece in pieces:
+            room -= len(piece)
+            if room < 0:
+                piece = piece[: len(piece) + room]
+                answer.truncated = True
+            if piece:
+                parts.append(piece)
+                await send(delta(rid, piece))
+            if answer.first_delta_at is None:
+                # The relay's added latency is measured up to here.
+                answer.first_delta_at = time.time()
+            if answer.truncated:
+                return
+
+
+def metadata(answer: Answer, turn: Turn, *, status: str, model: str, error: LLMError | None) -> dict[str, Any]:
+    """The facts stored with the answer."""
+    stats = answer.stats
+    meta: dict[str, Any] = {
+        "status": status,
+        "response_id": answer.response_id,
+        "model": model,
+        "latency_ms": round((time.time() - turn.received_at) * 1000, 1),
+        "first_token_ms": None if stats.first_token_s is None else round(stats.first_token_s * 1000, 1),
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "retries": stats.retries,
+        "in_reply_to": turn.client_msg_id,
+        # Wall-clock times (epoch seconds): when the message arrived and when its first delta left.
+        "received_at": round(turn.received_at, 6),
+        "first_delta_at": answer.first_delta_at,
+    }
+    if answer.truncated:
+        meta["truncated"] = True
+    if error is not None:
+        meta["error"] = {"code": error.code, "message": str(error)}
+        if answer.parts:
+            meta["partial_text"] = answer.text
+    return meta
+
+
+def observe(metrics: Metrics, session_id: str, answer: Answer, *, status: str, error: LLMError | None) -> None:
+    """Count the answer and log its one line."""
+    stats = answer.stats
+    metrics.answers.labels(status).inc()
+    metrics.deltas_streamed.inc(len(answer.parts))
+    if stats.completion_tokens:
+        metrics.completion_tokens.inc(stats.completion_tokens)
+    if stats.retries:
+        metrics.llm_retries.inc(stats.retries)
+    if stats.first_token_s is not None:
+        metrics.first_token.observe(stats.first_token_s)
+    if error is not None:
+        metrics.llm_errors.labels(error.code).inc()
+    log.info(
+        "answer done",
+        extra={
+            "fields": {
+                "session_id": session_id,
+                "status": status,
+                "error": None if error is None else error.code,
+                "first_token_ms": None if stats.first_token_s is None else round(stats.first_token_s * 1000, 1),
+                "deltas": len(answer.parts),
+                "truncated": answer.truncated,
+                "prompt_tokens": stats.prompt_tokens,
+                "completion_tokens": stats.completion_tokens,
+                "retries": stats.retries,
+            }
+        },
+    )

@@ -1,0 +1,69 @@
+"""Attaching a writing connection to a session: ownership, the one-server lease, takeover, and opening the session
+in the store."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from core.errors import Forbidden, StoreUnavailable
+from core.settings import Settings
+from core.store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
+
+from ..eventlog import EventLog
+from .presence import Presence
+from .session import Session
+
+
+class Attacher:
+    """The takeover protocol, run under `session.lock` before a new socket is accepted."""
+
+    def __init__(self, store: Store, eventlog: EventLog, presence: Presence, settings: Settings) -> None:
+        self._store = store
+        self._eventlog = eventlog
+        self._presence = presence
+        self._settings = settings
+
+    async def attach(self, session: Session, *, user_id: str | None) -> tuple[OpenedSession, list[StoredEvent]]:
+        """Make the session this connection's: raises Forbidden (someone else's), StoreError or TimeoutError.
+
+        A stranger must not even close its owner's socket, so ownership is checked first. Then one server per
+        session: another server holding it closes its socket (4000) and lets go; so does our own older holder.
+        """
+        if user_id is not None:
+            await self._check_owner(session, user_id)
+        await self._presence.claim(session.id)
+        if session.holder is not None:
+            await session.holder.replace()
+        return await self._open(session, owner_id=user_id)
+
+    async def _check_owner(self, session: Session, user_id: str) -> None:
+        """A session with no owner, made while authentication was off, belongs to nobody."""
+        async with asyncio.timeout(self._settings.store_connect_timeout_s):
+            record = await self._store.get_session(session.id)
+        if record is not None and record.owner_id != user_id:
+            raise Forbidden(f"session {session.id!r} belongs to another user")
+
+    async def _open(self, session: Session, *, owner_id: str | None) -> tuple[OpenedSession, list[StoredEvent]]:
+        """Create or resume the session in the store and return its recent messages."""
+        timeout_s = self._settings.store_connect_timeout_s
+        await session.writer.drain(within_s=timeout_s)
+        # Spooled events go first: a context read before they land would miss them.
+        if not await self._eventlog.replayed(within_s=timeout_s):
+            raise StoreUnavailable("spooled writes are still being replayed")
+        async with asyncio.timeout(timeout_s):
+            opened = await self._store.open_session(session.id, owner_id=owner_id, now=datetime.now(UTC))
+            if owner_id is not None and opened.record.owner_id != owner_id:
+                # Someone else created it between the ownership check and here.
+                raise Forbidden(f"session {session.id!r} belongs to another user")
+            history = await self._store.events(session.id, types=MESSAGE_TYPES, limit=self._settings.history_limit)
+            turns = session.conversation.turns if session.loaded else await self._count_turns(session.id, history)
+        session.opened(opened.record, history, turns=turns)
+        return opened, history
+
+    async def _count_turns(self, session_id: str, history: list[StoredEvent]) -> int:
+        if len(history) < self._settings.history_limit:
+            return sum(e.event_type == USER_MESSAGE for e in history)
+        # A long session: every stored question has its stored answer, so the turns are half the messages.
+        record = await self._store.get_session(session_id)
+        return 0 if record is None or record.message_count is None else (record.message_count + 1) // 2

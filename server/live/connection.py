@@ -1,0 +1,234 @@
+"""One client's WebSocket on a session: frames in, calls on the conversation; frames out through one outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from core.errors import ProtocolError
+from core.settings import Settings
+from core.store import CONNECTED, DISCONNECTED
+from core.tasks import TaskSet
+
+from .. import protocol
+from ..metrics import Metrics
+from ..protocol import Cancel, Ping, UserMessage
+from ..ratelimit import TokenBucket, UserRateLimiter
+from .conversation import StoredNotAnswered
+from .outbox import Outbox
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+# RFC 6455's code for a close frame without a status (aiohttp reports it as 0).
+_NO_STATUS = 1005
+
+
+class Connection:
+    """Owns one socket for the life of the connection. Only `run` reads the socket; anything sends through
+    `outbox`, which never lets one stuck peer hold up anyone else."""
+
+    def __init__(
+        self,
+        session: Session,
+        ws: web.WebSocketResponse,
+        outbox: Outbox,
+        *,
+        settings: Settings,
+        metrics: Metrics,
+        user_id: str | None = None,
+        user_rate: UserRateLimiter | None = None,
+    ) -> None:
+        self.session = session
+        self.outbox = outbox
+        self._ws = ws
+        self._settings = settings
+        self._metrics = metrics
+        self._user_id = user_id
+        self._user_rate = user_rate
+        self._limiter = TokenBucket(settings.messages_per_minute)
+        self._closed = asyncio.Event()
+        self._close_sent: int | None = None
+        # Set once we decide to close: frames read after it are refused by the close itself (never stored).
+        self._closing = False
+        self._messages = 0
+        # Writes of this connection's messages not yet acknowledged: acknowledged before any close we send.
+        self._unacked: set[asyncio.Future[int]] = set()
+        self._started = time.monotonic()
+        self._last_frame = asyncio.get_running_loop().time()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._tasks = TaskSet()
+
+    # Life cycle.
+
+    async def run(self, ready: bytes, *, on_closed: Callable[[], None]) -> None:
+        """Send `session.ready`, serve frames until the socket closes, then wind the connection down.
+
+        The wind-down is shielded: even when the handler is cancelled (aiohttp may, when the peer vanishes)
+        the partial answer and the `disconnected` event are stored, then `on_closed` runs.
+        """
+        self.session.conversation.record(CONNECTED, None)
+        self.session.conversation.sink = self.outbox
+        try:
+            await self.outbox.send(ready)
+            await self._read_frames()
+        finally:
+            await asyncio.shield(self._wind_down(on_closed))
+
+    async def replace(self) -> None:
+        """A newer connection takes the session over: stop the answer (the client still gets its `response.done`,
+        and the partial answer is stored), close with 4000, and return once this connection let go. A peer that
+        is not reading is cut off rather than waited for."""
+        if self.outbox.blocked:
+            self.outbox.abort("replaced while the client was not reading")
+        await self.session.conversation.stop()
+        await self.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
+        await self._closed.wait()
+
+    async def finish_answer(self) -> None:
+        """Shutdown: let the answer in flight finish, start no other; messages still arriving are stored."""
+        await self.session.conversation.drain()
+
+    def check_stalled(self, now: float) -> bool:
+        return self.outbox.check_stalled(now)
+
+    def expire(self) -> None:
+        """The caller's access token ran out: end the session with 1008 (policy)."""
+        self._tasks.spawn(self.close(WSCloseCode.POLICY_VIOLATION, "the access token expired"))
+
+    async def close(self, code: int, message: str) -> None:
+        """Close the socket once this connection's stored messages are acknowledged (bounded: a store that is
+        away does not hold the close; the client then resends, idempotently by client_msg_id)."""
+        self._closing = True
+        if self._unacked:
+            await asyncio.wait(set(self._unacked), timeout=self._settings.send_timeout_s)
+            await asyncio.sleep(0)  # The acknowledgements the commits scheduled.
+        # Recorded: after the handshake aiohttp reports the client's reply (usually 1000), not our reason.
+        self._close_sent = self._close_sent or code
+        if self.outbox.blocked:
+            self.outbox.abort("closing while the client was not reading")
+            return
+        try:
+            async with asyncio.timeout(self._settings.send_timeout_s):
+                await self._ws.close(code=code, message=message.encode())
+        except TimeoutError:
+            self.outbox.abort("the client did not answer the close")
+
+    async def _wind_down(self, on_closed: Callable[[], None]) -> None:
+        # The partial answer and the `disconnected` event are submitted before the session is let go,
+        # so they are stored in order, before anything a newer connection writes.
+        session, conversation = self.session, self.session.conversation
+        if self.outbox.blocked:
+            self.outbox.abort("the socket closed while a send was waiting")
+        await conversation.stop()
+        if conversation.sink is self.outbox:
+            conversation.sink = None
+        close_code = self._close_sent or self._ws.close_code or _NO_STATUS
+        conversation.record(DISCONNECTED, None, {"close_code": close_code})
+        session.detach(self)
+        await self._tasks.cancel()
+        self._closed.set()
+        on_closed()
+        fields = {
+            "session_id": session.id,
+            "close_code": close_code,
+            "messages": self._messages,
+            "duration_s": round(time.monotonic() - self._started, 3),
+        }
+        log.info("disconnected", extra={"fields": fields})
+
+    # Reading.
+
+    async def _read_frames(self) -> None:
+        ws = self._ws
+        loop = asyncio.get_running_loop()
+        if self._settings.idle_timeout_s:
+            self._watchdog = loop.call_later(self._settings.idle_timeout_s, self._check_idle)
+        try:
+            while True:
+                msg = await ws.receive()
+                self._last_frame = loop.time()
+                if msg.type is WSMsgType.TEXT:
+                    self._on_text(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    self._reject(ProtocolError(protocol.UNSUPPORTED_FRAME, "binary frames are not supported"))
+                else:
+                    # CLOSE, CLOSING, CLOSED or ERROR (a frame over the size limit closes with 1009 in aiohttp).
+                    return
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+
+    def _check_idle(self) -> None:
+        """No frame from the client for IDLE_TIMEOUT_S while nothing was being answered: end the session (4001)."""
+        loop = asyncio.get_running_loop()
+        if self.session.conversation.busy:
+            # Busy answering: a silent client is reading, not idle.
+            self._last_frame = max(self._last_frame, loop.time())
+        due = self._last_frame + self._settings.idle_timeout_s
+        if loop.time() >= due:
+            self._watchdog = None
+            self._tasks.spawn(self.close(protocol.CLOSE_IDLE, "idle for too long"))
+        else:
+            self._watchdog = loop.call_at(due, self._check_idle)
+
+    def _on_text(self, text: str) -> None:
+        if self._closing:
+            # Refused by the close that follows (4000, 1001, ...): not stored, so the client resends it.
+            return
+        received_at = time.time()
+        try:
+            frame = protocol.parse_frame(text, max_message_bytes=self._settings.max_message_bytes)
+            if isinstance(frame, UserMessage):
+                self._on_message(frame, received_at)
+            elif isinstance(frame, Cancel):
+                self.session.conversation.cancel()
+            elif isinstance(frame, Ping):
+                self.outbox.put(protocol.PONG)
+        except StoredNotAnswered as e:
+            self._ack(e.stored, e.client_msg_id)
+            self._reject(e)
+        except ProtocolError as e:
+            self._reject(e)
+
+    def _on_message(self, message: UserMessage, received_at: float) -> None:
+        conversation = self.session.conversation
+        cmid = message.client_msg_id
+        known = conversation.known(cmid)
+        if known is not None:
+            # An idempotent retry: acknowledged again, never stored or answered twice.
+            self._ack(known, cmid)
+            return
+        if not self._limiter.allow():
+            raise ProtocolError(protocol.RATE_LIMITED, "too many messages; slow down and try again")
+        if self._user_id is not None and self._user_rate is not None and not self._user_rate.allow(self._user_id):
+            raise ProtocolError(protocol.RATE_LIMITED, "too many messages from this user across connections; slow down")
+        try:
+            stored = conversation.submit(message.text, cmid, received_at)
+        except StoredNotAnswered as e:
+            e.client_msg_id = cmid
+            raise
+        self._messages += 1
+        self._ack(stored, cmid)
+
+    def _reject(self, error: ProtocolError) -> None:
+        self._metrics.frames_rejected.labels(error.code).inc()
+        self.outbox.put(protocol.error(error.code, str(error)))
+
+    def _ack(self, stored: int | asyncio.Future[int], cmid: str | None) -> None:
+        """Send `message.stored` once the event is committed: it never runs ahead of the database."""
+        if isinstance(stored, int):
+            self.outbox.put(protocol.user_message_stored(stored, cmid))
+            return
+        self._unacked.add(stored)
+
+        def done(f: asyncio.Future[int]) -> None:
+            self._unacked.discard(f)
+            if not f.cancelled() and f.exception() is None:
+                self.outbox.put(protocol.user_message_stored(f.result(), cmid))
+
+        stored.add_done_callback(done)

@@ -1,0 +1,147 @@
+"""How live sessions end: after their last connection (end time, summary job) and at process shutdown (drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from core.errors import StoreError, StoreUnavailable
+from core.jobs import JobQueue, summary_job_id
+from core.settings import Settings
+from core.store import Store
+from core.tasks import TaskSet
+
+from ..eventlog import EventLog
+from .presence import Presence
+from .registry import Registry
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    """Ends sessions in the background and winds the process's sessions down at shutdown."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        eventlog: EventLog,
+        store: Store,
+        jobs: JobQueue,
+        presence: Presence,
+        settings: Settings,
+    ) -> None:
+        self._registry = registry
+        self._eventlog = eventlog
+        self._store = store
+        self._jobs = jobs
+        self._presence = presence
+        self._settings = settings
+        self._endings = TaskSet()
+        self._wind_down: asyncio.Task[None] | None = None
+        self._forced = False
+
+    def session_idle(self, session: Session) -> None:
+        """The session's last connection checked in."""
+        self._endings.spawn(self._end(session), name=f"end:{session.id}")
+
+    async def _end(self, session: Session) -> None:
+        """Wait for every write, record the end time and ask for the summary, unless someone came back meanwhile."""
+        await session.writer.drain()
+        job_id: str | None = None
+        async with session.lock:
+            if session.users > 0:
+                return
+            if session.ended_at is not None:
+                await self._record_end(session.id, session.ended_at)
+                job_id = await self._summary_job_id(session)
+            # A reconnect may have checked the session out while the end was being recorded: it is waiting
+            # for this lock and will reopen the session (clearing the end time), so the session stays ours.
+            if session.users > 0:
+                return
+            self._registry.forget(session)
+            self._presence.release(session.id)
+        if job_id is not None:
+            await self._jobs.summary(session.id, job_id=job_id, delay_s=self._settings.summary_delay_s)
+
+    async def _summary_job_id(self, session: Session) -> str | None:
+        """The job for the session as of its last message; None when that is known to be summarised already."""
+        last = session.conversation.last_message
+        if last is not None and last.done() and not last.cancelled() and last.exception() is None:
+            return summary_job_id(session.id, start_time=session.start_time, last_message_id=last.result())
+        try:
+            state = await self._store.summary_state(session.id)
+        except StoreError as e:
+            # The sweeper will find the session; nothing is lost by not enqueueing now.
+            log.warning(
+                "could not read the session's summary state",
+                extra={"fields": {"session_id": session.id, "error": str(e)}},
+            )
+            return None
+        if state is None or state.last_event_id is None or state.up_to_date:
+            return None
+        return summary_job_id(session.id, start_time=state.start_time, last_message_id=state.last_event_id)
+
+    async def _record_end(self, session_id: str, end_time: datetime) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StoreUnavailable),
+            wait=wait_exponential_jitter(multiplier=0.05, max=self._settings.store_retry_max_s),
+            before_sleep=lambda state: log.warning(
+                "could not record session end, retrying",
+                extra={"fields": {"session_id": session_id, "attempt": state.attempt_number}},
+            ),
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._store.end_session(session_id, end_time=end_time)
+
+    # Shutdown, in this order: drain and flush (once), close the sockets, close.
+
+    async def wind_down(self, *, drain_s: float, flush_s: float) -> None:
+        """Drain, then flush; runs once however often it is called, and `force` cuts it short."""
+        if self._wind_down is None:
+            self._wind_down = asyncio.ensure_future(self._drain_and_flush(drain_s, flush_s))
+        await asyncio.gather(self._wind_down, return_exceptions=True)
+
+    def force(self) -> None:
+        """A second stop signal: stop waiting for answers and writes; what is not written goes to the spool."""
+        self._forced = True
+        if self._wind_down is not None:
+            self._wind_down.cancel()
+
+    async def _drain_and_flush(self, drain_s: float, flush_s: float) -> None:
+        await self.drain(within_s=drain_s)
+        await self.flush(within_s=flush_s)
+
+    async def drain(self, *, within_s: float) -> None:
+        """Give the answers streaming now up to `within_s` to finish, while the sockets are still read (messages
+        are stored, cancels work)."""
+        holders = list(self._registry.holders())
+        if not holders:
+            return
+        tasks = [asyncio.ensure_future(h.finish_answer()) for h in holders]
+        _, late = await asyncio.wait(tasks, timeout=within_s)
+        for task in late:
+            task.cancel()
+        log.info("answers drained", extra={"fields": {"connections": len(holders), "cut_short": len(late)}})
+
+    async def flush(self, *, within_s: float) -> None:
+        """Before the sockets close: let pending writes land, so their `message.stored` still goes out."""
+        writers = [w.drain() for w in self._registry.writers() if w.pending]
+        if writers:
+            await asyncio.wait([asyncio.ensure_future(w) for w in writers], timeout=within_s)
+        # One turn of the loop for the acknowledgements the commits scheduled.
+        await asyncio.sleep(0)
+
+    async def close_connections(self, code: int, message: str) -> None:
+        holders = list(self._registry.holders())
+        await asyncio.gather(*(h.close(code, message) for h in holders), return_exceptions=True)
+
+    async def close(self, *, within_s: float) -> None:
+        """Process shutdown: give the endings `within_s`, then spool whatever is still not written."""
+        await self._endings.wait(within_s=0 if self._forced else within_s)
+        await self._registry.close()
+        await self._eventlog.close()

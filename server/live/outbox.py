@@ -1,0 +1,134 @@
+"""Frames to one socket, in order, with bounded waiting: a peer that stops reading loses its socket, and nobody
+else waits on it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from aiohttp import WSMsgType, web
+
+log = logging.getLogger(__name__)
+
+# aiohttp raises ClientConnectionResetError (a ConnectionResetError) when writing to a closing socket.
+_SEND_ERRORS = (ConnectionError,)
+
+
+class Outbox:
+    """Sends frames to one WebSocket.
+
+    A send normally completes without suspending: aiohttp writes to the transport and waits only when the peer's
+    buffers are full. While one send waits there, every other frame queues behind it (kept in order, at most
+    `max_buffer_bytes`), so acknowledgements and pongs never pile up as waiting tasks. A queue past that size,
+    or a send stuck for `timeout_s` (see `check_stalled`, called by one sweep for the whole process), aborts
+    the transport: the read loop then sees the socket close, and the session's data is stored as at any close.
+    """
+
+    __slots__ = (
+        "_max_bytes",
+        "_queue",
+        "_queued_bytes",
+        "_seen",
+        "_sending",
+        "_sends",
+        "_timeout_s",
+        "_transport",
+        "_ws",
+    )
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.BaseTransport | None,
+        *,
+        timeout_s: float,
+        max_buffer_bytes: int,
+    ) -> None:
+        self._ws = ws
+        self._transport = transport
+        self._timeout_s = timeout_s
+        self._max_bytes = max_buffer_bytes
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._sending = False
+        # Sends started so far, and (count, time) when the sweep last saw one waiting: progress shows as a new count.
+        self._sends = 0
+        self._seen: tuple[int, float] | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """A send is waiting for the peer to read (only another task can see this)."""
+        return self._sending
+
+    async def send(self, frame: bytes) -> None:
+        if self._sending:
+            self._enqueue(frame)
+            return
+        ws = self._ws
+        if ws.closed:
+            return
+        self._sending = True
+        self._sends += 1
+        try:
+            await ws.send_frame(frame, WSMsgType.TEXT)
+            queue = self._queue
+            while queue:
+                frame = queue.popleft()
+                self._queued_bytes -= len(frame)
+                self._sends += 1
+                await ws.send_frame(frame, WSMsgType.TEXT)
+        except _SEND_ERRORS:
+            # The peer is gone: the read loop sees the close and winds the connection down.
+            self._drop_queue()
+        finally:
+            self._sending = False
+
+    def put(self, frame: bytes) -> None:
+        """Send without waiting, for frames off the answer's path (acknowledgements, errors)."""
+        if self._sending:
+            self._enqueue(frame)
+        elif not self._ws.closed:
+            task = asyncio.ensure_future(self.send(frame))
+            task.add_done_callback(_retrieve)
+
+    def check_stalled(self, now: float) -> bool:
+        """Abort the transport if one send has waited `timeout_s` without progress; True if it did."""
+        if not self._sending:
+            self._seen = None
+            return False
+        if self._seen is None or self._seen[0] != self._sends:
+            self._seen = (self._sends, now)
+            return False
+        if now - self._seen[1] < self._timeout_s:
+            return False
+        self.abort("the client stopped reading")
+        return True
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (no closing handshake: the peer is not reading it)."""
+        self._drop_queue()
+        transport = self._transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            log.warning("connection aborted", extra={"fields": {"reason": reason}})
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        else:
+            transport.close()
+
+    def _enqueue(self, frame: bytes) -> None:
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        if self._queued_bytes > self._max_bytes:
+            self.abort(f"more than {self._max_bytes} bytes waiting to be sent")
+
+    def _drop_queue(self) -> None:
+        self._queue.clear()
+        self._queued_bytes = 0
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,70 @@
+"""The live sessions of this process: checked out by each connection, let go after the last one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+
+from core.tasks import TaskSet
+
+from ..eventlog import EventWriter
+from .session import Holder, Session
+
+log = logging.getLogger(__name__)
+
+_SWEEP_S = 1.0
+
+
+class Registry:
+    """Session id -> its live `Session`. A session stays registered while a connection uses it or it is ending."""
+
+    def __init__(self, make_session: Callable[[str], Session], *, on_idle: Callable[[Session], None]) -> None:
+        self._make_session = make_session
+        self._on_idle = on_idle
+        self._sessions: dict[str, Session] = {}
+        self._tasks = TaskSet()
+
+    def checkout(self, session_id: str) -> Session:
+        """The session's live state, created if needed; every checkout is paired with a `checkin`."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = self._make_session(session_id)
+        session.users += 1
+        return session
+
+    def checkin(self, session: Session) -> None:
+        session.users -= 1
+        if session.users == 0:
+            self._on_idle(session)
+
+    def forget(self, session: Session) -> None:
+        """The session ended (called under its lock, with no user left)."""
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+
+    def holders(self) -> Iterator[Holder]:
+        return (s.holder for s in list(self._sessions.values()) if s.holder is not None)
+
+    def writers(self) -> Iterator[EventWriter]:
+        return (s.writer for s in list(self._sessions.values()))
+
+    def release_request(self, session_id: str) -> None:
+        """Another server takes the session over: close our socket on it with 4000; its wind-down stores what
+        we had, and the lease is let go once every write has landed."""
+        session = self._sessions.get(session_id)
+        if session is not None and session.holder is not None:
+            self._tasks.spawn(session.holder.replace(), name=f"release:{session_id}")
+
+    async def sweep_stalled(self) -> None:
+        """Runs until cancelled: cut off every connection whose peer stopped reading (see `Outbox`)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = loop.time()
+            for holder in self.holders():
+                holder.check_stalled(now)
+
+    async def close(self) -> None:
+        await self._tasks.wait(within_s=1.0)
+        self._sessions.clear()

@@ -1,0 +1,59 @@
+"""One session's live state in this process: its conversation, who holds it, and where it stands in its life."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Protocol
+
+from core.store import SessionRecord, StoredEvent
+
+from ..eventlog import EventWriter
+from .conversation import Conversation
+
+
+class Holder(Protocol):
+    """The writing connection that holds a session (see `Connection`)."""
+
+    async def replace(self) -> None: ...
+
+    async def finish_answer(self) -> None: ...
+
+    async def close(self, code: int, message: str) -> None: ...
+
+    def check_stalled(self, now: float) -> bool: ...
+
+
+class Session:
+    """Kept while a connection holds the session or its writes are pending; its fields change only here."""
+
+    def __init__(self, session_id: str, *, writer: EventWriter, conversation: Conversation) -> None:
+        self.id = session_id
+        self.writer = writer
+        self.conversation = conversation
+        self.holder: Holder | None = None
+        # Held while a connection attaches and while the session is being ended, so the two never cross.
+        self.lock = asyncio.Lock()
+        # Connections checked out (attaching or attached); the session ends when the last one checks in.
+        self.users = 0
+        self.loaded = False
+        self.start_time: datetime | None = None
+        self.ended_at: datetime | None = None
+
+    def opened(self, record: SessionRecord, history: list[StoredEvent], *, turns: int) -> None:
+        """The store opened (or resumed) the session. A session still live here keeps its conversation, which
+        also holds what is not yet stored; otherwise the conversation is rebuilt from the store."""
+        if not self.loaded:
+            self.conversation.load(history, turns=turns)
+            self.loaded = True
+        self.start_time = record.start_time
+        self.ended_at = None
+
+    def attach(self, holder: Holder) -> None:
+        self.holder = holder
+
+    def detach(self, holder: Holder) -> None:
+        """The holder's socket closed: the session may end now (unless someone reattaches)."""
+        if self.holder is holder:
+            self.holder = None
+        self.ended_at = datetime.now(UTC)
