@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from arq.connections import ArqRedis
+from redis.asyncio import BlockingConnectionPool
 
 from core.jobs import JobQueue
 from core.llm import make_llm
@@ -58,13 +59,16 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     # Connects lazily: a Redis that is down must not keep the chat from starting.
     settings = app[SETTINGS]
-    redis = ArqRedis.from_url(
+    # Bounded, and commands wait for a free connection: a pool without a cap grows with every burst of
+    # concurrent commands (one per connecting client) and never shrinks.
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=5,
         socket_connect_timeout=2,
         socket_timeout=5,
-        # Bounded: a pool without a cap grows with every burst of concurrent commands and never shrinks.
-        max_connections=settings.redis_max_connections,
     )
+    redis = ArqRedis(pool)
     app[REDIS] = redis
     yield
     await redis.aclose()

@@ -420,3 +420,22 @@ async def test_the_offline_demo_model_answers_when_no_provider_is_configured(mak
     assert first["done"]["text"] != second["done"]["text"]
     assert len(first["deltas"]) > 1
     await ws.close()
+
+
+async def test_an_answer_longer_than_the_cap_is_cut_there_and_stored_as_truncated(make_client, fake_llm, db):
+    client = await make_client(max_answer_chars=50)
+    long_text = "".join(f"piece{i:03d} " for i in range(40))
+    fake_llm.script(fake.reply(long_text, chunks=[f"piece{i:03d} " for i in range(40)]))
+    ws = await client.ws_connect("/ws/session/s1")
+    await receive(ws)
+    await ws.send_str("talk forever")
+    events = await receive_until(ws, "response.done")
+    done = events[-1]
+    assert done["status"] == "completed"
+    assert done["text"] == long_text[:50]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.delta") == long_text[:50]
+    row = await eventually(
+        lambda: db.fetchrow("select content, metadata from session_events where event_type = 'ai_message'")
+    )
+    assert row["content"] == long_text[:50]
+    assert orjson.loads(row["metadata"])["truncated"] is True

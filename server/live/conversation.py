@@ -8,12 +8,13 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from core.errors import LLMError, ProtocolError
 from core.llm import LLM
 from core.settings import Settings
-from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
+from core.store import AI_MESSAGE, USER_MESSAGE, NewEvent, StoredEvent
 
 from .. import protocol
 from ..eventlog import EventWriter
@@ -21,7 +22,6 @@ from ..metrics import Metrics
 from . import answer as answers
 from .answer import Answer, Turn
 from .context import Context
-from .events import record
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,17 @@ class Conversation:
         client_msg_id: str | None = None,
         event_key: str | None = None,
     ) -> asyncio.Future[int]:
-        """Append an event of this session to the event log."""
-        return record(
-            self._writer,
-            self.session_id,
-            event_type,
-            content,
-            metadata,
+        """Append an event of this session to the event log; the future resolves with its id once committed."""
+        event = NewEvent(
+            session_id=self.session_id,
+            event_type=event_type,
+            content=content,
+            event_key=event_key or secrets.token_hex(12),
+            created_at=datetime.now(UTC),
             client_msg_id=client_msg_id,
-            event_key=event_key,
+            metadata=metadata or {},
         )
+        return self._writer.submit(event)
 
     # Answering.
 
