@@ -24,9 +24,11 @@ _TRANSIENT_MESSAGES = ("database is locked", "disk i/o error", "unable to open d
 
 _EVENT_COLUMNS = "id, session_id, event_type, content, created_at, client_msg_id, metadata"
 _SESSION_COLUMNS = "s.session_id, s.start_time, s.end_time, s.summary, s.owner_id"
+# SQLite cannot call the PostgreSQL functions of sql/004, so this module keeps its own copy of those queries.
+_MESSAGE_TYPES = f"({', '.join(repr(t) for t in MESSAGE_TYPES)})"
 _MESSAGE_COUNT = (
     "(select count(*) from session_events e where e.session_id = s.session_id"
-    f" and e.event_type in ({', '.join(repr(t) for t in MESSAGE_TYPES)})) as message_count"
+    f" and e.event_type in {_MESSAGE_TYPES}) as message_count"
 )
 
 
@@ -88,27 +90,31 @@ def _event(row: sqlite3.Row) -> StoredEvent:
     )
 
 
-_SUMMARY_STATE = """
-select s.session_id, s.start_time, s.end_time, s.summarized_through,
-    (select max(id) from session_events e where e.session_id = s.session_id) as last_event_id,
-    (select created_at from session_events e where e.session_id = s.session_id order by id desc limit 1)
-        as last_event_at
-from sessions s
+# chat_summary_states() of sql/004, and its callers below.
+_SUMMARY_STATE = f"""
+select t.*, (t.last_message_id is null or coalesce(t.summarized_through >= t.last_message_id, 0)) as up_to_date
+from (
+    select s.session_id, s.start_time, s.end_time, s.summarized_through, s.summary_updated_at,
+        m.id as last_message_id, m.created_at as last_message_at
+    from sessions s
+    left join session_events m on m.id = (
+        select max(e.id) from session_events e where e.session_id = s.session_id and e.event_type in {_MESSAGE_TYPES}
+    )
+) t
 """
 
 _NEEDING_SUMMARY = f"""
-select * from ({_SUMMARY_STATE}) t
-where t.last_event_id is not null
-  and ((t.end_time is not null and (t.summarized_through is null or t.summarized_through < t.last_event_id))
-       or (t.end_time is null and t.last_event_at < ?))
-order by coalesce(t.end_time, t.last_event_at)
+select * from ({_SUMMARY_STATE}) st
+where st.last_message_id is not null
+  and ((st.end_time is not null and not st.up_to_date) or (st.end_time is null and st.last_message_at < ?))
+order by coalesce(st.end_time, st.last_message_at), st.session_id
 limit ?
 """
 
 _ENDED = f"""
-{_SUMMARY_STATE}
-where s.end_time is not null and (? is null or s.start_time >= ?) and (? is null or s.start_time < ?)
-order by s.start_time, s.session_id
+select * from ({_SUMMARY_STATE}) st
+where st.end_time is not null and (? is null or st.start_time >= ?) and (? is null or st.start_time < ?)
+order by st.start_time, st.session_id
 limit ?
 """
 
@@ -118,9 +124,10 @@ def _summary_state(row: sqlite3.Row) -> SummaryState:
         session_id=row["session_id"],
         start_time=_dt(row["start_time"]),
         end_time=_dt(row["end_time"]),
-        last_event_id=row["last_event_id"],
-        last_event_at=_dt(row["last_event_at"]),
+        last_message_id=row["last_message_id"],
+        last_message_at=_dt(row["last_message_at"]),
         summarized_through=row["summarized_through"],
+        up_to_date=bool(row["up_to_date"]),
     )
 
 
@@ -280,7 +287,7 @@ class SQLiteStore:
             await db.execute("update sessions set end_time = ? where session_id = ?", (_ts(end_time), session_id))
 
     async def summary_state(self, session_id: str) -> SummaryState | None:
-        rows = await self._fetch(_SUMMARY_STATE + " where s.session_id = ?", (session_id,))
+        rows = await self._fetch(f"select * from ({_SUMMARY_STATE}) st where st.session_id = ?", (session_id,))
         return _summary_state(rows[0]) if rows else None
 
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
