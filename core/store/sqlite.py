@@ -14,22 +14,14 @@ import aiosqlite
 import orjson
 
 from ..errors import StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
+from . import sqlite_queries as q
+from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
 from .migrate import migrate_sqlite
 
 # Primary result codes after which the same call may succeed: another process holds the lock, or the
 # disk or file is (for now) unusable.
 _TRANSIENT_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
 _TRANSIENT_MESSAGES = ("database is locked", "disk i/o error", "unable to open database file")
-
-_EVENT_COLUMNS = "id, session_id, event_type, content, created_at, client_msg_id, metadata"
-_SESSION_COLUMNS = "s.session_id, s.start_time, s.end_time, s.summary, s.owner_id"
-# SQLite cannot call the PostgreSQL functions of sql/004, so this module keeps its own copy of those queries.
-_MESSAGE_TYPES = f"({', '.join(repr(t) for t in MESSAGE_TYPES)})"
-_MESSAGE_COUNT = (
-    "(select count(*) from session_events e where e.session_id = s.session_id"
-    f" and e.event_type in {_MESSAGE_TYPES}) as message_count"
-)
 
 
 def _is_transient(e: sqlite3.Error) -> bool:
@@ -88,35 +80,6 @@ def _event(row: sqlite3.Row) -> StoredEvent:
         client_msg_id=row["client_msg_id"],
         metadata=orjson.loads(row["metadata"]),
     )
-
-
-# chat_summary_states() of sql/004, and its callers below.
-_SUMMARY_STATE = f"""
-select t.*, (t.last_message_id is null or coalesce(t.summarized_through >= t.last_message_id, 0)) as up_to_date
-from (
-    select s.session_id, s.start_time, s.end_time, s.summarized_through, s.summary_updated_at,
-        m.id as last_message_id, m.created_at as last_message_at
-    from sessions s
-    left join session_events m on m.id = (
-        select max(e.id) from session_events e where e.session_id = s.session_id and e.event_type in {_MESSAGE_TYPES}
-    )
-) t
-"""
-
-_NEEDING_SUMMARY = f"""
-select * from ({_SUMMARY_STATE}) st
-where st.last_message_id is not null
-  and ((st.end_time is not null and not st.up_to_date) or (st.end_time is null and st.last_message_at < ?))
-order by coalesce(st.end_time, st.last_message_at), st.session_id
-limit ?
-"""
-
-_ENDED = f"""
-select * from ({_SUMMARY_STATE}) st
-where st.end_time is not null and (? is null or st.start_time >= ?) and (? is null or st.start_time < ?)
-order by st.start_time, st.session_id
-limit ?
-"""
 
 
 def _summary_state(row: sqlite3.Row) -> SummaryState:
@@ -203,7 +166,7 @@ class SQLiteStore:
                     (_ts(now), session_id),
                 )
             async with db.execute(
-                f"select {_SESSION_COLUMNS} from sessions s where s.session_id = ?", (session_id,)
+                f"select {q.SESSION_COLUMNS} from sessions s where s.session_id = ?", (session_id,)
             ) as c:
                 row = await c.fetchone()
         assert row is not None  # inserted or updated just above, in the same transaction
@@ -258,25 +221,25 @@ class SQLiteStore:
             where += f" and event_type in ({', '.join('?' * len(types))})"
             params.extend(types)
         if limit is None:
-            sql = f"select {_EVENT_COLUMNS} from session_events where {where} order by id"
+            sql = f"select {q.EVENT_COLUMNS} from session_events where {where} order by id"
         else:
             # The most recent `limit`, still returned oldest first.
             sql = (
-                f"select * from (select {_EVENT_COLUMNS} from session_events where {where}"
+                f"select * from (select {q.EVENT_COLUMNS} from session_events where {where}"
                 " order by id desc limit ?) order by id"
             )
             params.append(limit)
         return [_event(r) for r in await self._fetch(sql, params)]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        sql = f"select {_SESSION_COLUMNS}, {_MESSAGE_COUNT} from sessions s where s.session_id = ?"
+        sql = f"select {q.SESSION_COLUMNS}, {q.MESSAGE_COUNT} from sessions s where s.session_id = ?"
         rows = await self._fetch(sql, (session_id,))
         return _session(rows[0]) if rows else None
 
     async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
         # NULL sorts lowest in SQLite, so sessions without a start time come last, as in PostgresStore.
         sql = (
-            f"select {_SESSION_COLUMNS}, {_MESSAGE_COUNT} from sessions s"
+            f"select {q.SESSION_COLUMNS}, {q.MESSAGE_COUNT} from sessions s"
             " where (? is null or s.owner_id = ?)"
             " order by s.start_time desc, s.session_id limit ?"
         )
@@ -287,7 +250,7 @@ class SQLiteStore:
             await db.execute("update sessions set end_time = ? where session_id = ?", (_ts(end_time), session_id))
 
     async def summary_state(self, session_id: str) -> SummaryState | None:
-        rows = await self._fetch(f"select * from ({_SUMMARY_STATE}) st where st.session_id = ?", (session_id,))
+        rows = await self._fetch(f"select * from ({q.SUMMARY_STATE}) st where st.session_id = ?", (session_id,))
         return _summary_state(rows[0]) if rows else None
 
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
@@ -309,14 +272,14 @@ class SQLiteStore:
             return cursor.rowcount == 1
 
     async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
-        return [_summary_state(r) for r in await self._fetch(_NEEDING_SUMMARY, (_ts(stale_before), limit))]
+        return [_summary_state(r) for r in await self._fetch(q.NEEDING_SUMMARY, (_ts(stale_before), limit))]
 
     async def ended_sessions(
         self, *, started_after: datetime | None = None, started_before: datetime | None = None, limit: int
     ) -> list[SummaryState]:
         after = None if started_after is None else _ts(started_after)
         before = None if started_before is None else _ts(started_before)
-        rows = await self._fetch(_ENDED, (after, after, before, before, limit))
+        rows = await self._fetch(q.ENDED, (after, after, before, before, limit))
         return [_summary_state(r) for r in rows]
 
     async def ping(self) -> None:
