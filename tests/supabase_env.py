@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from core.store.migrate import SQL_DIR, PgConnection, migrate_postgres
+from core.store.migrate import SQL_DIR, PgConnection, migrate_postgres, postgres_migrations
 
 SUPABASE_MIGRATION = SQL_DIR / "003_supabase.sql"
 
@@ -89,13 +89,16 @@ async def prepare_supabase_database(conn: PgConnection, *, schema: str = "public
     await ensure_auth_stand_in(conn, schema=schema)
     await migrate_postgres(conn)
     # The test database is shared: another fixture may have applied 003 before the stand-in existed,
-    # which leaves it without policies. Running it again is what the README tells a deployment to do.
+    # which leaves it without policies. Running it again is what the README tells a deployment to do,
+    # and then the migrations after it, since 003 redefines functions that later ones replace.
     policies = await conn.fetchval(
         "select count(*) from pg_policies where schemaname = $1 and tablename in ('sessions', 'session_events')",
         schema,
     )
     if policies < 2:
-        await conn.execute(SUPABASE_MIGRATION.read_text(encoding="utf-8"))
+        for path in postgres_migrations():
+            if path.name >= SUPABASE_MIGRATION.name:
+                await conn.execute(path.read_text(encoding="utf-8"))
 
 
 async def as_role(conn: PgConnection, role: str, *, sub: str | None = None) -> None:

@@ -23,7 +23,7 @@ import pytest_asyncio
 
 from core.errors import ConfigError, StoreError, StoreUnavailable
 from core.settings import Settings
-from core.store import AI_MESSAGE, CONNECTED, USER_MESSAGE, NewEvent, Store, SummaryState, open_store
+from core.store import AI_MESSAGE, CONNECTED, DISCONNECTED, USER_MESSAGE, NewEvent, Store, SummaryState, open_store
 from core.store.migrate import main as migrate_main
 from core.store.migrate import migrate_postgres, migrate_url, postgres_migrations, sqlite_migrations
 from core.store.postgres import PostgresStore
@@ -359,17 +359,19 @@ async def test_ping_answers(store: Store) -> None:
 # Summaries
 
 
-async def test_summary_state_is_none_when_unknown_and_follows_the_last_event(store: Store) -> None:
+async def test_summary_state_is_none_when_unknown_and_follows_the_last_message(store: Store) -> None:
     assert await store.summary_state("nope") is None
     await store.open_session("s1", owner_id=None, now=T0)
     fresh = await store.summary_state("s1")
-    assert fresh == SummaryState("s1", T0, None, last_event_id=None, last_event_at=None, summarized_through=None)
-    assert fresh.up_to_date, "nothing to summarise yet"
+    assert fresh == SummaryState(
+        "s1", T0, None, last_message_id=None, last_message_at=None, summarized_through=None, up_to_date=True
+    ), "nothing to summarise yet"
 
     ids = await store.append_events([event("s1", "a"), event("s1", "b", created_at=T0 + timedelta(minutes=1))])
+    await store.append_events([event("s1", "c", type_=CONNECTED, created_at=T0 + timedelta(minutes=2))])
     state = await store.summary_state("s1")
     assert state is not None
-    assert (state.last_event_id, state.last_event_at, state.summarized_through) == (
+    assert (state.last_message_id, state.last_message_at, state.summarized_through) == (
         ids[1],
         T0 + timedelta(minutes=1),
         None,
@@ -442,11 +444,36 @@ async def test_sessions_needing_summary_are_ended_and_behind_or_stale_oldest_fir
     due = await store.sessions_needing_summary(stale_before=stale_before, limit=10)
     assert [s.session_id for s in due] == ["stale-live", "ended-unsummarised", "resumed"]
     resumed = due[2]
-    assert (resumed.last_event_id, resumed.summarized_through, resumed.up_to_date) == (latest, first, False)
+    assert (resumed.last_message_id, resumed.summarized_through, resumed.up_to_date) == (latest, first, False)
     assert [s.session_id for s in await store.sessions_needing_summary(stale_before=stale_before, limit=2)] == [
         "stale-live",
         "ended-unsummarised",
     ]
+
+
+async def test_a_reconnect_without_new_messages_keeps_the_summary_up_to_date(store: Store) -> None:
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    await store.open_session("s1", owner_id=None, now=base)
+    _, answer = await store.append_events([event("s1", "q", created_at=base), event("s1", "a", type_=AI_MESSAGE)])
+    await store.end_session("s1", end_time=base + timedelta(minutes=1))
+    assert await store.save_summary("s1", summary="q and a", through_event_id=answer, end_time=base)
+
+    # The user comes back, says nothing, and leaves again.
+    await store.open_session("s1", owner_id=None, now=base + timedelta(minutes=30))
+    await store.append_events(
+        [
+            event("s1", "c", type_=CONNECTED, created_at=base + timedelta(minutes=30)),
+            event("s1", "d", type_=DISCONNECTED, created_at=base + timedelta(minutes=31)),
+        ]
+    )
+    await store.end_session("s1", end_time=datetime.now(UTC) + timedelta(minutes=1))
+
+    state = await store.summary_state("s1")
+    assert state is not None
+    assert (state.last_message_id, state.summarized_through, state.up_to_date) == (answer, answer, True)
+    assert await store.sessions_needing_summary(stale_before=datetime.now(UTC), limit=10) == []
+    (ended,) = await store.ended_sessions(limit=10)
+    assert (ended.last_message_id, ended.up_to_date) == (answer, True)
 
 
 async def test_ended_sessions_by_start_time_window_oldest_first(store: Store) -> None:
@@ -472,7 +499,11 @@ async def test_ended_sessions_by_start_time_window_oldest_first(store: Store) ->
 
     b = (await store.ended_sessions(started_after=T0 + timedelta(hours=1), limit=1))[0]
     assert (b.start_time, b.end_time) == (T0 + timedelta(hours=1), T0 + timedelta(hours=1, minutes=5))
-    assert (b.last_event_id, b.last_event_at, b.summarized_through) == (last, T0 + timedelta(hours=1, minutes=1), None)
+    assert (b.last_message_id, b.last_message_at, b.summarized_through) == (
+        last,
+        T0 + timedelta(hours=1, minutes=1),
+        None,
+    )
 
 
 # Picking a backend

@@ -74,21 +74,18 @@ class OpenedSession:
 
 @dataclass(frozen=True, slots=True)
 class SummaryState:
-    """Where a session stands for its summary: its last event, and the last event its summary covers."""
+    """Where a session stands for its summary: its last message, the last event its summary covers, and
+    whether that summary is up to date (it covers the last message, or there is no message to summarise).
+    Only messages count: a reconnect without new messages leaves an up-to-date summary up to date.
+    `up_to_date` is the database's answer (sql/004 on PostgreSQL), so that the rule is written once."""
 
     session_id: str
     start_time: datetime | None
     end_time: datetime | None
-    last_event_id: int | None
-    last_event_at: datetime | None
+    last_message_id: int | None
+    last_message_at: datetime | None
     summarized_through: int | None
-
-    @property
-    def up_to_date(self) -> bool:
-        """True when the stored summary covers the session's last event (or there is nothing to summarise)."""
-        return self.last_event_id is None or (
-            self.summarized_through is not None and self.summarized_through >= self.last_event_id
-        )
+    up_to_date: bool
 
 
 class Store(Protocol):
@@ -139,7 +136,8 @@ class Store(Protocol):
         ...
 
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
-        """Store a summary that covers the events up to `through_event_id`, and set end_time if it is still null.
+        """Store a summary that covers the events up to `through_event_id` (a state's `last_message_id`), and set
+        end_time if it is still null.
 
         Atomic and monotonic: when the stored summary already covers a later event, nothing changes and
         False is returned, so a late job can never overwrite a newer summary with an older one.
@@ -147,8 +145,8 @@ class Store(Protocol):
         ...
 
     async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
-        """Sessions to (re)summarise, oldest first: ended ones whose summary does not cover their last event,
-        and ones never ended whose last event is older than `stale_before` (their server may have died)."""
+        """Sessions to (re)summarise, oldest first: ended ones whose summary is not up to date, and ones never
+        ended whose last message is older than `stale_before` (their server may have died)."""
         ...
 
     async def ended_sessions(

@@ -1,4 +1,4 @@
-"""The PostgreSQL store: an asyncpg pool, idempotent batched writes, and driver errors mapped to ours."""
+"""The PostgreSQL store: an asyncpg pool calling the SQL functions of sql/ (as Supabase does), driver errors mapped."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from asyncpg import exceptions as pg
 from asyncpg.pool import PoolConnectionProxy
 
 from ..errors import StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
+from . import rows
+from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
 from .migrate import migrate_postgres
 
 # Errors after which the same call may succeed: the server is restarting, refusing or unreachable,
@@ -40,74 +41,6 @@ _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _EVENT_COLUMNS = "id, session_id, event_type, content, created_at, client_msg_id, metadata"
-_SESSION_COLUMNS = "s.session_id, s.start_time, s.end_time, s.summary, s.owner_id"
-_MESSAGE_COUNT = (
-    "(select count(*) from session_events e where e.session_id = s.session_id"
-    " and e.event_type = any($2::text[])) as message_count"
-)
-
-_OPEN_SESSION = """
-insert into sessions as s (session_id, start_time, owner_id) values ($1, $2, $3)
-on conflict (session_id) do update set end_time = null, start_time = coalesce(s.start_time, excluded.start_time)
-returning s.session_id, s.start_time, s.end_time, s.summary, s.owner_id, (s.xmax = 0) as created
-"""
-
-# One statement for the whole batch. `order by ord` makes the ids follow the batch's order; a key that is
-# already stored (a retried write whose first attempt committed) is skipped and looked up afterwards. A
-# clash on (session_id, client_msg_id) under a different key is not covered by `on conflict` and raises.
-_APPEND = """
-insert into session_events (session_id, event_type, content, created_at, client_msg_id, event_key, metadata)
-select t.session_id, t.event_type, t.content, t.created_at, t.client_msg_id, t.event_key, t.metadata::jsonb
-from unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[])
-    with ordinality as t(session_id, event_type, content, created_at, client_msg_id, event_key, metadata, ord)
-order by t.ord
-on conflict (session_id, event_key) do nothing
-returning id, session_id, event_key
-"""
-
-_EXISTING_IDS = """
-select e.id, e.session_id, e.event_key from session_events e
-join unnest($1::text[], $2::text[]) as k(session_id, event_key) using (session_id, event_key)
-"""
-
-
-# A session's summary bookkeeping, with its newest event found through the (session_id, id) index.
-_SUMMARY_STATE = """
-select s.session_id, s.start_time, s.end_time, s.summarized_through,
-    e.id as last_event_id, e.created_at as last_event_at
-from sessions s
-left join lateral (
-    select id, created_at from session_events where session_id = s.session_id order by id desc limit 1
-) e on true
-"""
-
-# `<=`: a forced redo of the same state may replace its summary; an older state never replaces a newer one.
-_SAVE_SUMMARY = """
-update sessions set summary = $2, summarized_through = $3, summary_updated_at = now(),
-    end_time = coalesce(end_time, $4)
-where session_id = $1 and (summarized_through is null or summarized_through <= $3)
-"""
-
-# The first clause is only a cheap filter (a summary written after the session last ended is
-# up to date); the second is exact.
-_NEEDING_SUMMARY = f"""
-{_SUMMARY_STATE}
-where (s.end_time is null or s.summarized_through is null or s.summary_updated_at is null
-       or s.summary_updated_at < s.end_time)
-  and e.id is not null
-  and ((s.end_time is not null and (s.summarized_through is null or s.summarized_through < e.id))
-       or (s.end_time is null and e.created_at < $1))
-order by coalesce(s.end_time, e.created_at)
-limit $2
-"""
-
-_ENDED = f"""
-{_SUMMARY_STATE}
-where s.end_time is not null
-  and ($1::timestamptz is null or s.start_time >= $1) and ($2::timestamptz is null or s.start_time < $2)
-order by s.start_time, s.session_id
-limit $3
-"""
 
 
 def _is_transient(e: BaseException) -> bool:
@@ -142,29 +75,8 @@ def _json(value: Any) -> str:
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
-    await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=_json, decoder=orjson.loads, format="text")
-
-
-def _session(row: asyncpg.Record) -> SessionRecord:
-    return SessionRecord(
-        session_id=row["session_id"],
-        start_time=row["start_time"],
-        end_time=row["end_time"],
-        summary=row["summary"],
-        owner_id=row["owner_id"],
-        message_count=row.get("message_count"),
-    )
-
-
-def _summary_state(row: asyncpg.Record) -> SummaryState:
-    return SummaryState(
-        session_id=row["session_id"],
-        start_time=row["start_time"],
-        end_time=row["end_time"],
-        last_event_id=row["last_event_id"],
-        last_event_at=row["last_event_at"],
-        summarized_through=row["summarized_through"],
-    )
+    for type_ in ("json", "jsonb"):
+        await conn.set_type_codec(type_, schema="pg_catalog", encoder=_json, decoder=orjson.loads, format="text")
 
 
 def _event(row: asyncpg.Record) -> StoredEvent:
@@ -225,35 +137,21 @@ class PostgresStore:
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 yield conn
 
-    async def open_session(self, session_id: str, *, owner_id: str | None, now: datetime) -> OpenedSession:
+    async def _call(self, fn: str, *args: Any) -> Any:
+        """The value of one of the SQL functions of sql/ (the ones SupabaseStore calls too)."""
+        placeholders = ", ".join(f"${i}" for i in range(1, len(args) + 1))
         async with self._connection() as conn:
-            row = await conn.fetchrow(_OPEN_SESSION, session_id, now, owner_id)
-        assert row is not None  # an upsert with `returning` always returns its row
-        return OpenedSession(record=_session(row), created=row["created"])
+            return await conn.fetchval(f"select * from {fn}({placeholders})", *args)
+
+    async def open_session(self, session_id: str, *, owner_id: str | None, now: datetime) -> OpenedSession:
+        row = await self._call("chat_open_session", session_id, owner_id, now)
+        return OpenedSession(record=rows.session(row), created=row["created"])
 
     async def append_events(self, events: Sequence[NewEvent]) -> list[int]:
         if not events:
             return []
-        async with self._connection() as conn:
-            columns = (
-                [e.session_id for e in events],
-                [e.event_type for e in events],
-                [without_nul(e.content) for e in events],
-                [e.created_at for e in events],
-                [without_nul(e.client_msg_id) for e in events],
-                [e.event_key for e in events],
-                [_json(without_nul(e.metadata)) for e in events],
-            )
-            rows = await conn.fetch(_APPEND, *columns)
-            ids = {(r["session_id"], r["event_key"]): r["id"] for r in rows}
-            missing = [(e.session_id, e.event_key) for e in events if (e.session_id, e.event_key) not in ids]
-            if missing:
-                found = await conn.fetch(_EXISTING_IDS, [m[0] for m in missing], [m[1] for m in missing])
-                ids.update({(r["session_id"], r["event_key"]): r["id"] for r in found})
-        try:
-            return [ids[(e.session_id, e.event_key)] for e in events]
-        except KeyError as e:
-            raise StoreError(f"event {e.args[0]!r} was neither stored nor found") from e
+        # One statement for the whole batch: ids in batch order, a key already stored skipped and looked up.
+        return rows.ids(await self._call("chat_append_events", rows.event_batch(events)), len(events))
 
     async def events(
         self,
@@ -280,46 +178,32 @@ class PostgresStore:
         return [_event(r) for r in rows]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        sql = f"select {_SESSION_COLUMNS}, {_MESSAGE_COUNT} from sessions s where s.session_id = $1"
-        async with self._connection() as conn:
-            row = await conn.fetchrow(sql, session_id, list(MESSAGE_TYPES))
-        return None if row is None else _session(row)
+        row = await self._call("chat_session", session_id)
+        return None if row is None else rows.session(row)
 
     async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
-        sql = (
-            f"select {_SESSION_COLUMNS}, {_MESSAGE_COUNT} from sessions s"
-            " where ($3::text is null or s.owner_id = $3)"
-            " order by s.start_time desc nulls last, s.session_id limit $1"
-        )
-        async with self._connection() as conn:
-            rows = await conn.fetch(sql, limit, list(MESSAGE_TYPES), owner_id)
-        return [_session(r) for r in rows]
+        return [rows.session(r) for r in await self._call("chat_sessions", limit, owner_id)]
 
     async def end_session(self, session_id: str, *, end_time: datetime) -> None:
         async with self._connection() as conn:
             await conn.execute("update sessions set end_time = $2 where session_id = $1", session_id, end_time)
 
     async def summary_state(self, session_id: str) -> SummaryState | None:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(_SUMMARY_STATE + " where s.session_id = $1", session_id)
-        return None if row is None else _summary_state(row)
+        row = await self._call("chat_summary_state", session_id)
+        return None if row is None else rows.summary_state(row)
 
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
-        async with self._connection() as conn:
-            status = await conn.execute(_SAVE_SUMMARY, session_id, without_nul(summary), through_event_id, end_time)
-        return bool(status == "UPDATE 1")
+        summary = without_nul(summary)
+        return bool(await self._call("chat_save_summary", session_id, summary, through_event_id, end_time))
 
     async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(_NEEDING_SUMMARY, stale_before, limit)
-        return [_summary_state(r) for r in rows]
+        return [rows.summary_state(r) for r in await self._call("chat_sessions_needing_summary", stale_before, limit)]
 
     async def ended_sessions(
         self, *, started_after: datetime | None = None, started_before: datetime | None = None, limit: int
     ) -> list[SummaryState]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(_ENDED, started_after, started_before, limit)
-        return [_summary_state(r) for r in rows]
+        found = await self._call("chat_ended_sessions", started_after, started_before, limit)
+        return [rows.summary_state(r) for r in found]
 
     async def ping(self) -> None:
         async with self._connection() as conn:

@@ -14,20 +14,14 @@ import aiosqlite
 import orjson
 
 from ..errors import StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
+from . import sqlite_queries as q
+from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
 from .migrate import migrate_sqlite
 
 # Primary result codes after which the same call may succeed: another process holds the lock, or the
 # disk or file is (for now) unusable.
 _TRANSIENT_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
 _TRANSIENT_MESSAGES = ("database is locked", "disk i/o error", "unable to open database file")
-
-_EVENT_COLUMNS = "id, session_id, event_type, content, created_at, client_msg_id, metadata"
-_SESSION_COLUMNS = "s.session_id, s.start_time, s.end_time, s.summary, s.owner_id"
-_MESSAGE_COUNT = (
-    "(select count(*) from session_events e where e.session_id = s.session_id"
-    f" and e.event_type in ({', '.join(repr(t) for t in MESSAGE_TYPES)})) as message_count"
-)
 
 
 def _is_transient(e: sqlite3.Error) -> bool:
@@ -88,39 +82,15 @@ def _event(row: sqlite3.Row) -> StoredEvent:
     )
 
 
-_SUMMARY_STATE = """
-select s.session_id, s.start_time, s.end_time, s.summarized_through,
-    (select max(id) from session_events e where e.session_id = s.session_id) as last_event_id,
-    (select created_at from session_events e where e.session_id = s.session_id order by id desc limit 1)
-        as last_event_at
-from sessions s
-"""
-
-_NEEDING_SUMMARY = f"""
-select * from ({_SUMMARY_STATE}) t
-where t.last_event_id is not null
-  and ((t.end_time is not null and (t.summarized_through is null or t.summarized_through < t.last_event_id))
-       or (t.end_time is null and t.last_event_at < ?))
-order by coalesce(t.end_time, t.last_event_at)
-limit ?
-"""
-
-_ENDED = f"""
-{_SUMMARY_STATE}
-where s.end_time is not null and (? is null or s.start_time >= ?) and (? is null or s.start_time < ?)
-order by s.start_time, s.session_id
-limit ?
-"""
-
-
 def _summary_state(row: sqlite3.Row) -> SummaryState:
     return SummaryState(
         session_id=row["session_id"],
         start_time=_dt(row["start_time"]),
         end_time=_dt(row["end_time"]),
-        last_event_id=row["last_event_id"],
-        last_event_at=_dt(row["last_event_at"]),
+        last_message_id=row["last_message_id"],
+        last_message_at=_dt(row["last_message_at"]),
         summarized_through=row["summarized_through"],
+        up_to_date=bool(row["up_to_date"]),
     )
 
 
@@ -196,7 +166,7 @@ class SQLiteStore:
                     (_ts(now), session_id),
                 )
             async with db.execute(
-                f"select {_SESSION_COLUMNS} from sessions s where s.session_id = ?", (session_id,)
+                f"select {q.SESSION_COLUMNS} from sessions s where s.session_id = ?", (session_id,)
             ) as c:
                 row = await c.fetchone()
         assert row is not None  # inserted or updated just above, in the same transaction
@@ -251,25 +221,25 @@ class SQLiteStore:
             where += f" and event_type in ({', '.join('?' * len(types))})"
             params.extend(types)
         if limit is None:
-            sql = f"select {_EVENT_COLUMNS} from session_events where {where} order by id"
+            sql = f"select {q.EVENT_COLUMNS} from session_events where {where} order by id"
         else:
             # The most recent `limit`, still returned oldest first.
             sql = (
-                f"select * from (select {_EVENT_COLUMNS} from session_events where {where}"
+                f"select * from (select {q.EVENT_COLUMNS} from session_events where {where}"
                 " order by id desc limit ?) order by id"
             )
             params.append(limit)
         return [_event(r) for r in await self._fetch(sql, params)]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        sql = f"select {_SESSION_COLUMNS}, {_MESSAGE_COUNT} from sessions s where s.session_id = ?"
+        sql = f"select {q.SESSION_COLUMNS}, {q.MESSAGE_COUNT} from sessions s where s.session_id = ?"
         rows = await self._fetch(sql, (session_id,))
         return _session(rows[0]) if rows else None
 
     async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
         # NULL sorts lowest in SQLite, so sessions without a start time come last, as in PostgresStore.
         sql = (
-            f"select {_SESSION_COLUMNS}, {_MESSAGE_COUNT} from sessions s"
+            f"select {q.SESSION_COLUMNS}, {q.MESSAGE_COUNT} from sessions s"
             " where (? is null or s.owner_id = ?)"
             " order by s.start_time desc, s.session_id limit ?"
         )
@@ -280,7 +250,7 @@ class SQLiteStore:
             await db.execute("update sessions set end_time = ? where session_id = ?", (_ts(end_time), session_id))
 
     async def summary_state(self, session_id: str) -> SummaryState | None:
-        rows = await self._fetch(_SUMMARY_STATE + " where s.session_id = ?", (session_id,))
+        rows = await self._fetch(f"select * from ({q.SUMMARY_STATE}) st where st.session_id = ?", (session_id,))
         return _summary_state(rows[0]) if rows else None
 
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
@@ -302,14 +272,14 @@ class SQLiteStore:
             return cursor.rowcount == 1
 
     async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
-        return [_summary_state(r) for r in await self._fetch(_NEEDING_SUMMARY, (_ts(stale_before), limit))]
+        return [_summary_state(r) for r in await self._fetch(q.NEEDING_SUMMARY, (_ts(stale_before), limit))]
 
     async def ended_sessions(
         self, *, started_after: datetime | None = None, started_before: datetime | None = None, limit: int
     ) -> list[SummaryState]:
         after = None if started_after is None else _ts(started_after)
         before = None if started_before is None else _ts(started_before)
-        rows = await self._fetch(_ENDED, (after, after, before, before, limit))
+        rows = await self._fetch(q.ENDED, (after, after, before, before, limit))
         return [_summary_state(r) for r in rows]
 
     async def ping(self) -> None:

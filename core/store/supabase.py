@@ -1,11 +1,11 @@
-"""The Supabase store: PostgREST through the official async client, one SQL function (sql/003) per atomic step."""
+"""The Supabase store: PostgREST through the official async client, one SQL function (sql/) per atomic step."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -14,7 +14,8 @@ from postgrest.types import ReturnMethod
 from supabase import AsyncClient, AsyncClientOptions, AsyncSupabaseException, acreate_client
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
-from .base import MESSAGE_TYPES, NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
+from . import rows
+from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
 
 T = TypeVar("T")
 
@@ -79,45 +80,8 @@ def _mapped_errors() -> Iterator[None]:
         raise StoreError(f"Supabase: {type(e).__name__}: {_describe(str(e))}") from e
 
 
-def _ts(value: datetime | None) -> str | None:
-    # Naive means local time, as in asyncpg.
-    return None if value is None else value.astimezone(UTC).isoformat()
-
-
-def _dt(text: str | None) -> datetime | None:
-    return None if text is None else datetime.fromisoformat(text).astimezone(UTC)
-
-
-def _ids(data: Any, expected: int) -> list[int]:
-    if not isinstance(data, list) or len(data) != expected or not all(isinstance(i, int) for i in data):
-        raise StoreError("Supabase: an event was neither stored nor found")
-    return data
-
-
-def _session(row: dict[str, Any]) -> SessionRecord:
-    return SessionRecord(
-        session_id=row["session_id"],
-        start_time=_dt(row["start_time"]),
-        end_time=_dt(row["end_time"]),
-        summary=row["summary"],
-        owner_id=row["owner_id"],
-        message_count=row.get("message_count"),
-    )
-
-
-def _summary_state(row: dict[str, Any]) -> SummaryState:
-    return SummaryState(
-        session_id=row["session_id"],
-        start_time=_dt(row["start_time"]),
-        end_time=_dt(row["end_time"]),
-        last_event_id=row["last_event_id"],
-        last_event_at=_dt(row["last_event_at"]),
-        summarized_through=row["summarized_through"],
-    )
-
-
 def _event(row: dict[str, Any]) -> StoredEvent:
-    created_at = _dt(row["created_at"])
+    created_at = rows.dt(row["created_at"])
     assert created_at is not None  # the column has a default and the store always writes it
     return StoredEvent(
         id=row["id"],
@@ -133,9 +97,9 @@ def _event(row: dict[str, Any]) -> StoredEvent:
 class SupabaseStore:
     """The `Store` on a Supabase project, through its REST API (PostgREST) with the service role key.
 
-    Reads are plain PostgREST queries; every write and every read that needs a join is one call to a
-    function of sql/003_supabase.sql, so it is atomic. postgrest-py's own retries are off: callers retry
-    on StoreUnavailable, and every write is safe to repeat (events by their keys, the rest by value).
+    Reads of events are plain PostgREST queries; every write and every read that needs a join is one call to a
+    function of sql/ (the ones PostgresStore calls too), so it is atomic. postgrest-py's own retries are off:
+    callers retry on StoreUnavailable, and every write is safe to repeat (events by their keys, the rest by value).
     """
 
     name = "supabase"
@@ -189,28 +153,19 @@ class SupabaseStore:
             return parse(response.data)
 
     async def open_session(self, session_id: str, *, owner_id: str | None, now: datetime) -> OpenedSession:
-        params = {"p_session_id": session_id, "p_owner_id": owner_id, "p_now": _ts(now)}
+        params = {"p_session_id": session_id, "p_owner_id": owner_id, "p_now": rows.ts(now)}
         return await self._rpc(
-            "chat_open_session", params, lambda row: OpenedSession(record=_session(row), created=bool(row["created"]))
+            "chat_open_session",
+            params,
+            lambda row: OpenedSession(record=rows.session(row), created=bool(row["created"])),
         )
 
     async def append_events(self, events: Sequence[NewEvent]) -> list[int]:
         if not events:
             return []
-        batch = [
-            {
-                "session_id": e.session_id,
-                "event_type": e.event_type,
-                "content": without_nul(e.content),
-                "created_at": _ts(e.created_at),
-                "client_msg_id": without_nul(e.client_msg_id),
-                "event_key": e.event_key,
-                "metadata": without_nul(e.metadata),
-            }
-            for e in events
-        ]
+        batch = rows.event_batch(events)
         # One request for the whole batch: one transaction, ids in batch order, stored keys skipped.
-        return await self._rpc("chat_append_events", {"p_events": batch}, lambda ids: _ids(ids, len(events)))
+        return await self._rpc("chat_append_events", {"p_events": batch}, lambda ids: rows.ids(ids, len(events)))
 
     async def events(
         self,
@@ -249,21 +204,25 @@ class SupabaseStore:
             return [_event(r) for r in rows]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        params = {"p_session_id": session_id, "p_message_types": list(MESSAGE_TYPES)}
-        return await self._rpc("chat_session", params, lambda row: None if row is None else _session(row))
+        params = {"p_session_id": session_id}
+        return await self._rpc("chat_session", params, lambda row: None if row is None else rows.session(row))
 
     async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
-        params = {"p_limit": limit, "p_owner_id": owner_id, "p_message_types": list(MESSAGE_TYPES)}
-        return await self._rpc("chat_sessions", params, lambda rows: [_session(r) for r in rows])
+        params = {"p_limit": limit, "p_owner_id": owner_id}
+        return await self._rpc("chat_sessions", params, lambda found: [rows.session(r) for r in found])
 
     async def end_session(self, session_id: str, *, end_time: datetime) -> None:
         with _mapped_errors():
-            query = self._client.table("sessions").update({"end_time": _ts(end_time)}, returning=ReturnMethod.minimal)
+            query = self._client.table("sessions").update(
+                {"end_time": rows.ts(end_time)}, returning=ReturnMethod.minimal
+            )
             await query.eq("session_id", session_id).execute()
 
     async def summary_state(self, session_id: str) -> SummaryState | None:
         return await self._rpc(
-            "chat_summary_state", {"p_session_id": session_id}, lambda row: None if row is None else _summary_state(row)
+            "chat_summary_state",
+            {"p_session_id": session_id},
+            lambda row: None if row is None else rows.summary_state(row),
         )
 
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
@@ -271,19 +230,25 @@ class SupabaseStore:
             "p_session_id": session_id,
             "p_summary": without_nul(summary),
             "p_through_event_id": through_event_id,
-            "p_end_time": _ts(end_time),
+            "p_end_time": rows.ts(end_time),
         }
         return await self._rpc("chat_save_summary", params, lambda saved: saved is True)
 
     async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
-        params = {"p_stale_before": _ts(stale_before), "p_limit": limit}
-        return await self._rpc("chat_sessions_needing_summary", params, lambda rows: [_summary_state(r) for r in rows])
+        params = {"p_stale_before": rows.ts(stale_before), "p_limit": limit}
+        return await self._rpc(
+            "chat_sessions_needing_summary", params, lambda found: [rows.summary_state(r) for r in found]
+        )
 
     async def ended_sessions(
         self, *, started_after: datetime | None = None, started_before: datetime | None = None, limit: int
     ) -> list[SummaryState]:
-        params = {"p_started_after": _ts(started_after), "p_started_before": _ts(started_before), "p_limit": limit}
-        return await self._rpc("chat_ended_sessions", params, lambda rows: [_summary_state(r) for r in rows])
+        params = {
+            "p_started_after": rows.ts(started_after),
+            "p_started_before": rows.ts(started_before),
+            "p_limit": limit,
+        }
+        return await self._rpc("chat_ended_sessions", params, lambda found: [rows.summary_state(r) for r in found])
 
     async def ping(self) -> None:
         with _mapped_errors():
