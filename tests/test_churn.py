@@ -245,7 +245,9 @@ def check_session(visit: Visit, rows: list[Any], session: Any) -> None:
 
     assert session["end_time"] is not None, where
     assert session["summary"], where
-    assert session["summarized_through"] == rows[-1]["id"], where
+    # As of the last message: connections coming and going change nothing to summarise.
+    messages = [r for r in rows if r["event_type"] in ("user_message", "ai_message")]
+    assert session["summarized_through"] == messages[-1]["id"], where
 
 
 async def test_hundreds_of_sessions_churning_at_once_are_stored_exactly_once_in_order_and_all_summarised(

@@ -37,7 +37,8 @@ async def chat_and_leave(client: Any, session_id: str, *texts: str) -> None:
 async def summary_row(db: Any, session_id: str) -> Any:
     return await db.fetchrow(
         "select summary, summarized_through, end_time, (select max(id) from session_events e"
-        " where e.session_id = s.session_id) as last_id from sessions s where session_id = $1",
+        " where e.session_id = s.session_id and e.event_type in ('user_message', 'ai_message')) as last_id"
+        " from sessions s where session_id = $1",
         session_id,
     )
 

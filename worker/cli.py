@@ -79,7 +79,7 @@ async def _resummarize(args: argparse.Namespace, settings: Settings) -> int:
         if args.dry_run:
             for state in targets:
                 note = "up to date" if state.up_to_date else "needs a summary"
-                print(f"would summarise {state.session_id} (through event {state.last_event_id}, {note})")
+                print(f"would summarise {state.session_id} (through event {state.last_message_id}, {note})")
             return 0
         jobs = await _enqueue(redis, targets, force=args.force)
         print(f"enqueued {len(jobs)} job(s)")

@@ -61,7 +61,7 @@ async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool
         state = await store.summary_state(session_id)
         if state is None:
             return _done("unknown session", fields, ctx)
-        if state.last_event_id is None:
+        if state.last_message_id is None:
             return _done("no events", fields, ctx)
         if state.end_time is None and await _held(ctx["redis"], session_id):
             return _done("session is live", fields, ctx)
@@ -69,15 +69,15 @@ async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool
             return _done("up to date", fields, ctx)
         events = await store.events(session_id, types=MESSAGE_TYPES, after=0)
         summary = await summarize(llm, events, settings)
-        end_time = state.end_time or state.last_event_at or datetime.now(UTC)
+        end_time = state.end_time or state.last_message_at or datetime.now(UTC)
         saved = await store.save_summary(
-            session_id, summary=summary, through_event_id=state.last_event_id, end_time=end_time
+            session_id, summary=summary, through_event_id=state.last_message_id, end_time=end_time
         )
     except (LLMError, StoreError) as e:
         _retry_or_fail(ctx, settings, fields, e)
     elapsed = time.perf_counter() - started
     ctx["metrics"].summary_seconds.observe(elapsed)
-    fields.update(through_event_id=state.last_event_id, latency_ms=round(elapsed * 1000, 1))
+    fields.update(through_event_id=state.last_message_id, latency_ms=round(elapsed * 1000, 1))
     return _done("summarised" if saved else "a newer summary exists", fields, ctx)
 
 
@@ -119,18 +119,20 @@ async def sweep_sessions(ctx: dict[str, Any]) -> dict[str, int]:
     candidates = await store.sessions_needing_summary(stale_before=stale_before, limit=settings.sweep_batch)
     ended = enqueued = 0
     for state in candidates:
-        if state.last_event_id is None:
+        if state.last_message_id is None:
             continue
         if state.end_time is None:
             if await _held(redis, state.session_id):
                 continue
-            await store.end_session(state.session_id, end_time=state.last_event_at or datetime.now(UTC))
+            await store.end_session(state.session_id, end_time=state.last_message_at or datetime.now(UTC))
             ctx["metrics"].swept.labels("ended").inc()
             ended += 1
         job = await redis.enqueue_job(
             SUMMARIZE_JOB,
             state.session_id,
-            _job_id=summary_job_id(state.session_id, start_time=state.start_time, last_message_id=state.last_event_id),
+            _job_id=summary_job_id(
+                state.session_id, start_time=state.start_time, last_message_id=state.last_message_id
+            ),
         )
         if job is not None:
             ctx["metrics"].swept.labels("enqueued").inc()

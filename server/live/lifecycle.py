@@ -81,9 +81,9 @@ class Lifecycle:
                 extra={"fields": {"session_id": session.id, "error": str(e)}},
             )
             return None
-        if state is None or state.last_event_id is None or state.up_to_date:
+        if state is None or state.last_message_id is None or state.up_to_date:
             return None
-        return summary_job_id(session.id, start_time=state.start_time, last_message_id=state.last_event_id)
+        return summary_job_id(session.id, start_time=state.start_time, last_message_id=state.last_message_id)
 
     async def _record_end(self, session_id: str, end_time: datetime) -> None:
         retrying = AsyncRetrying(
