@@ -234,7 +234,7 @@ async def ask(port: int, http: aiohttp.ClientSession, text: str) -> aiohttp.Clie
 
 
 async def until_closed(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict[str, Any]], int | None]:
-    events = []
+    events: list[dict[str, Any]] = []
     while True:
         msg = await ws.receive()
         if msg.type is not aiohttp.WSMsgType.TEXT:
@@ -279,7 +279,9 @@ async def test_ctrl_c_in_make_run_lets_a_long_answer_finish_and_stores_it(tmp_pa
     # run.sh said how long it would wait, with room for the drain and flush it was given, and the way out.
     assert not run.said("killing")
     [stopping] = run.said("stopping: ")
-    grace = int(re.search(r"up to (\d+) s", stopping)[1])  # type: ignore[index]
+    match = re.search(r"up to (\d+) s", stopping)
+    assert match, stopping
+    grace = int(match[1])
     assert 25 + 2 < grace < 25 + 30, stopping
     assert "Ctrl-C again" in stopping
 
