@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole service on this machine: Redis (a private one under data/redis when none answers at REDIS_URL),
-# the web server and, once the worker package defines WorkerSettings, the arq worker. Ctrl-C stops all of it.
+# the web server and, once the worker package defines WorkerSettings, the arq worker. Ctrl-C stops all of it:
+# the first lets the answers in flight finish and their writes land (as long as the server's SHUTDOWN_DRAIN_S and
+# SHUTDOWN_FLUSH_S allow), a second cuts that short (the server spools what it has not written yet).
 #
 # usage: scripts/run.sh          (settings come from the environment, then .env, then the built-in defaults)
 # shellcheck disable=SC2317  # functions run from traps look unreachable to shellcheck
@@ -9,7 +11,10 @@ cd "$(dirname "$0")/.."
 
 PROG=run
 PY=.venv/bin/python
-STOP_TIMEOUT=15 # the server drains for up to 10 s (shutdown_timeout)
+FORCE_WAIT=5 # after a second stop signal the server spools what is left and exits within about 2 s
+STOP_GRACE=15 # how long the first stop may take: derived from the server's own settings below, once readable
+STOP_REQUESTS=0
+STOPPING=0
 SERVER_PID=""
 WORKER_PID=""
 REDIS_PID=""
@@ -26,7 +31,8 @@ die() {
 # --- children ------------------------------------------------------------------------------------------
 
 # Each child gets a session of its own, so a terminal's Ctrl-C reaches only this script, which then stops
-# the children once and in order (the server before the Redis it uses).
+# the children once and in order (the server before the Redis it uses), and a second Ctrl-C means "at once"
+# only when the user presses it. Without setsid the same holds: bash starts background jobs with SIGINT ignored.
 launch() {
     if command -v setsid >/dev/null 2>&1; then
         setsid "$@" </dev/null &
@@ -37,6 +43,16 @@ launch() {
 
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
 
+name_of() {
+    case $1 in
+    "$SERVER_PID") echo server ;;
+    "$WORKER_PID") echo worker ;;
+    "$REDIS_PID") echo redis ;;
+    *) echo "pid $1" ;;
+    esac
+}
+
+# Redis holds nothing in flight: SIGTERM, then SIGKILL after $1 seconds.
 stop_pids() {
     local timeout=$1 pid deadline
     shift
@@ -45,7 +61,7 @@ stop_pids() {
     for pid in "$@"; do
         while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
         if alive "$pid"; then
-            say "pid $pid did not stop within ${timeout} s, killing it"
+            say "the $(name_of "$pid") did not stop within ${timeout} s, killing it"
             kill -KILL "$pid" 2>/dev/null
         fi
         [[ -n $pid ]] && wait "$pid" 2>/dev/null
@@ -53,20 +69,58 @@ stop_pids() {
     return 0
 }
 
+# The server and the worker: one SIGTERM starts their graceful stop, given all of STOP_GRACE; a stop signal to
+# this script meanwhile (a second Ctrl-C) forwards a second SIGTERM, which cuts it short; SIGKILL comes only when
+# even that is not obeyed within FORCE_WAIT. Runs from the EXIT trap: on_signal only counts the signals then.
+stop_app() {
+    local pid deadline forced=0 seen=$STOP_REQUESTS
+    local -a pids=() left
+    for pid in "$SERVER_PID" "$WORKER_PID"; do alive "$pid" && pids+=("$pid"); done
+    [[ ${#pids[@]} -gt 0 ]] || return 0
+    if alive "$SERVER_PID"; then
+        say "stopping: letting the answers in flight finish and their writes land (up to ${STOP_GRACE} s);" \
+            "press Ctrl-C again to stop at once"
+    fi
+    kill -TERM "${pids[@]}" 2>/dev/null
+    deadline=$((SECONDS + STOP_GRACE))
+    while :; do
+        left=()
+        for pid in "${pids[@]}"; do alive "$pid" && left+=("$pid"); done
+        [[ ${#left[@]} -gt 0 ]] || break
+        if ((forced == 0 && STOP_REQUESTS > seen)); then
+            say "stopping at once: what the server has not stored yet goes to its spool (SPOOL_DIR), written at" \
+                "the next start"
+            kill -TERM "${left[@]}" 2>/dev/null
+            forced=1
+            deadline=$((SECONDS + FORCE_WAIT))
+        elif ((SECONDS >= deadline)); then
+            for pid in "${left[@]}"; do
+                say "the $(name_of "$pid") did not stop within $((forced ? FORCE_WAIT : STOP_GRACE)) s," \
+                    "killing it (what it had not written is lost)"
+            done
+            kill -KILL "${left[@]}" 2>/dev/null
+            break
+        fi
+        sleep 0.1 # a Ctrl-C ends it at once: it is in the terminal's process group (the children are not)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+    return 0
+}
+
 cleanup() {
     local rc=$?
     set +e
-    trap '' INT TERM
-    stop_pids "$STOP_TIMEOUT" "$SERVER_PID" "$WORKER_PID"
+    STOPPING=1
+    stop_app
     stop_pids 10 "$REDIS_PID"
     [[ $POLICY_RC_D_CREATED -eq 1 ]] && rm -f /usr/sbin/policy-rc.d
     exit "$rc"
 }
 
 on_signal() {
-    trap '' INT TERM
-    say "stopping ..."
-    exit 0 # cleanup (the EXIT trap) stops the children
+    STOP_REQUESTS=$((STOP_REQUESTS + 1))
+    [[ $STOPPING -eq 1 ]] && return 0 # stop_app is running and reads the count
+    exit 0                            # cleanup (the EXIT trap) stops the children
 }
 
 trap cleanup EXIT
@@ -87,6 +141,25 @@ setting() {
 REDIS_URL_SETTING=$(setting REDIS_URL redis://localhost:6379)
 HOST=$(setting HOST 127.0.0.1)
 PORT=$(setting PORT 8001)
+
+# The longest the server's graceful stop may take, from its settings read as it reads them (the environment, then
+# .env, then the defaults): the drain (SHUTDOWN_DRAIN_S), the flush before the sockets close (SHUTDOWN_FLUSH_S),
+# aiohttp's wait for the handlers (its shutdown_timeout, 10 s), the flush of the last writes once the sockets are
+# closed (SHUTDOWN_FLUSH_S again), and 5 s to spare. With a setting it cannot read the server does not start: the
+# defaults then.
+STOP_GRACE=$("$PY" - <<'EOF'
+import math
+
+from core.errors import ConfigError
+from core.settings import Settings
+
+try:
+    s = Settings.from_env()
+except ConfigError:
+    s = Settings()
+print(math.ceil(s.shutdown_drain_s + 2 * s.shutdown_flush_s) + 10 + 5)
+EOF
+) || die "cannot read the shutdown settings (above)"
 
 # --- redis ---------------------------------------------------------------------------------------------
 
