@@ -10,14 +10,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, ValidationError, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    DotEnvSettingsSource,
-    EnvSettingsSource,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings import PydanticBaseSettingsSource as Source
 
 from .errors import ConfigError
 
@@ -47,8 +41,8 @@ def _items(clean: Callable[[str], str]) -> BeforeValidator:
     return _text(lambda text: tuple(clean(item) for item in text.split(",") if item.strip()) or None)
 
 
-def _scheme(url: str) -> str:
-    return urlsplit(url).scheme
+def _scheme_in(*schemes: str, host: bool = False) -> Callable[[str], bool]:
+    return lambda url: urlsplit(url).scheme in schemes and (bool(urlsplit(url).netloc) or not host)
 
 
 _blank_is_none = _text(lambda text: text.strip() or None)
@@ -57,32 +51,30 @@ PositiveInt = Annotated[int, _rule(lambda v: v > 0, "must be a positive integer"
 NonNegativeInt = Annotated[int, _rule(lambda v: v >= 0, "must be zero or a positive integer")]
 PositiveFloat = Annotated[float, _rule(lambda v: v > 0, "must be a positive number")]
 NonNegativeFloat = Annotated[float, _rule(lambda v: v >= 0, "must be zero or a positive number")]
+Port = Annotated[int, _rule(lambda v: 1 <= v <= 65535, "must be between 1 and 65535")]
+PortOrOff = Annotated[int, _rule(lambda v: 0 <= v <= 65535, "must be between 0 (off) and 65535")]
 Flag = Annotated[bool, _text(lambda text: text.strip() or "false")]
 OptionalText = Annotated[str | None, _blank_is_none]
 HttpUrl = Annotated[
+    str | None, _blank_is_none, _rule(_scheme_in("http", "https", host=True), "must be an http(s):// URL")
+]
+DatabaseUrl = Annotated[
     str | None,
     _blank_is_none,
-    _rule(lambda v: _scheme(v) in ("http", "https") and bool(urlsplit(v).netloc), "must be an http(s):// URL"),
+    _rule(_scheme_in("postgresql", "postgres", "sqlite"), "must start with postgresql:// or sqlite:///"),
+]
+RedisUrl = Annotated[
+    str, _rule(_scheme_in("redis", "rediss", "unix"), "must start with redis://, rediss:// or unix://")
 ]
 Origins = Annotated[
     tuple[str, ...] | None,
     NoDecode,
     _items(lambda origin: origin.strip().rstrip("/")),
     _rule(
-        lambda origins: all(o == "*" or _scheme(o) in ("http", "https") for o in origins),
+        lambda origins: all(o == "*" or _scheme_in("http", "https")(o) for o in origins),
         "must be a comma-separated list of origins like https://app.example.com, or *",
     ),
 ]
-DatabaseUrl = Annotated[
-    str | None,
-    _blank_is_none,
-    _rule(lambda v: _scheme(v) in ("postgresql", "postgres", "sqlite"), "must start with postgresql:// or sqlite:///"),
-]
-RedisUrl = Annotated[
-    str, _rule(lambda v: _scheme(v) in ("redis", "rediss", "unix"), "must start with redis://, rediss:// or unix://")
-]
-Port = Annotated[int, _rule(lambda v: 1 <= v <= 65535, "must be between 1 and 65535")]
-PortOrOff = Annotated[int, _rule(lambda v: 0 <= v <= 65535, "must be between 0 (off) and 65535")]
 Hosts = Annotated[tuple[str, ...] | None, NoDecode, _items(lambda host: host.strip().lower())]
 
 # What the error line says when pydantic cannot even read the text as the field's type.
@@ -205,17 +197,17 @@ class Settings(BaseSettings):
                 reason = f"must be {error['ctx']['expected']}"
             else:
                 reason = _REASONS.get(error["type"], error["msg"])
-            raise ConfigError(f"{name.upper()}={values.get(name, error['input'])!r}: {reason}") from None
+            raise ConfigError(f"{name.upper()}={values.get(name, error['input'])!r}: {reason}") from e
 
     @classmethod
     def settings_customise_sources(
         cls,
         settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_settings: Source,
+        env_settings: Source,
+        dotenv_settings: Source,
+        file_secret_settings: Source,
+    ) -> tuple[Source, ...]:
         # Only the arguments: reading the environment is from_env's job, so no test sees a developer's `.env`.
         return (init_settings,)
 
@@ -227,14 +219,12 @@ class Settings(BaseSettings):
 
         Raises ConfigError naming the first variable whose value cannot be used.
         """
+        environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for source in (
-            DotEnvSettingsSource(cls, env_file=env_file),
-            _Environ(cls, os.environ if environ is None else environ),
-        ):
+        for source in (DotEnvSettingsSource(cls, env_file=env_file), _Environ(cls, environ)):
             # A `.env` may hold variables for other tools (docker compose, the tests): only ours are read.
             values.update((name, value) for name, value in source().items() if name in cls.model_fields)
-        return cls(**values, **overrides)
+        return cls(**{**values, **overrides})
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes`, checked as any Settings is."""

@@ -32,6 +32,7 @@ def test_the_environment_wins_over_the_env_file(tmp_path):
     settings = Settings.from_env({"PORT": "9100"}, env_file=env_file)
     assert settings.port == 9100
     assert settings.openai_model == "from-file"
+    assert Settings.from_env({"PORT": "9100"}, env_file=env_file, port=9200).port == 9200
 
 
 @pytest.mark.parametrize(
