@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
+from pydantic import AfterValidator, BeforeValidator, ValidationError, model_validator
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings import PydanticBaseSettingsSource as Source
 
 from .errors import ConfigError
 
@@ -19,217 +20,227 @@ DEFAULT_DATABASE_URL = "sqlite:///data/realtime.db"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env(name: str, parse: Callable[[str], Any] = str) -> Any:
-    """Field metadata: the environment variable a setting comes from and how its text is read."""
-    return {"env": name, "parse": parse}
+def _rule(check: Callable[[Any], bool], reason: str) -> AfterValidator:
+    """A validator that fails with `reason` (the end of the error line) unless the value is None or passes."""
+
+    def validate(value: Any) -> Any:
+        if value is not None and not check(value):
+            raise ValueError(reason)
+        return value
+
+    return AfterValidator(validate)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
+def _text(clean: Callable[[str], Any]) -> BeforeValidator:
+    """Cleans text (from the environment); typed values, as tests pass them, go through as they are."""
+    return BeforeValidator(lambda value: clean(value) if isinstance(value, str) else value)
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be zero or a positive integer")
-    return value
+def _items(clean: Callable[[str], str]) -> BeforeValidator:
+    """Comma-separated text as a tuple of its cleaned, non-empty items; None when there are none."""
+    return _text(lambda text: tuple(clean(item) for item in text.split(",") if item.strip()) or None)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be a positive number")
-    return value
+def _scheme_in(*schemes: str, host: bool = False) -> Callable[[str], bool]:
+    return lambda url: urlsplit(url).scheme in schemes and (bool(urlsplit(url).netloc) or not host)
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError("must be zero or a positive number")
-    return value
+_blank_is_none = _text(lambda text: text.strip() or None)
+
+PositiveInt = Annotated[int, _rule(lambda v: v > 0, "must be a positive integer")]
+NonNegativeInt = Annotated[int, _rule(lambda v: v >= 0, "must be zero or a positive integer")]
+PositiveFloat = Annotated[float, _rule(lambda v: v > 0, "must be a positive number")]
+NonNegativeFloat = Annotated[float, _rule(lambda v: v >= 0, "must be zero or a positive number")]
+Port = Annotated[int, _rule(lambda v: 1 <= v <= 65535, "must be between 1 and 65535")]
+PortOrOff = Annotated[int, _rule(lambda v: 0 <= v <= 65535, "must be between 0 (off) and 65535")]
+Flag = Annotated[bool, _text(lambda text: text.strip() or "false")]
+OptionalText = Annotated[str | None, _blank_is_none]
+HttpUrl = Annotated[
+    str | None, _blank_is_none, _rule(_scheme_in("http", "https", host=True), "must be an http(s):// URL")
+]
+DatabaseUrl = Annotated[
+    str | None,
+    _blank_is_none,
+    _rule(_scheme_in("postgresql", "postgres", "sqlite"), "must start with postgresql:// or sqlite:///"),
+]
+RedisUrl = Annotated[
+    str, _rule(_scheme_in("redis", "rediss", "unix"), "must start with redis://, rediss:// or unix://")
+]
+Origins = Annotated[
+    tuple[str, ...] | None,
+    NoDecode,
+    _items(lambda origin: origin.strip().rstrip("/")),
+    _rule(
+        lambda origins: all(o == "*" or _scheme_in("http", "https")(o) for o in origins),
+        "must be a comma-separated list of origins like https://app.example.com, or *",
+    ),
+]
+Hosts = Annotated[tuple[str, ...] | None, NoDecode, _items(lambda host: host.strip().lower())]
+
+# What the error line says when pydantic cannot even read the text as the field's type.
+_REASONS = {
+    "int_parsing": "must be a valid int",
+    "int_from_float": "must be a valid int",
+    "float_parsing": "must be a valid float",
+    "bool_parsing": "must be true or false",
+}
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise ValueError("must be between 1 and 65535")
-    return value
+class Settings(BaseSettings):
+    """Everything configurable. Build it with `Settings.from_env()` in an entry point, or directly in tests.
 
+    Built directly it takes only its arguments, never the environment; `replace` copies it with changes. Every
+    way of building one checks every value and raises ConfigError naming the variable that cannot be used.
+    """
 
-def _port_or_zero(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be between 0 (off) and 65535")
-    return value
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _origins(text: str) -> tuple[str, ...] | None:
-    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
-    for origin in origins:
-        if origin != "*" and urlsplit(origin).scheme not in ("http", "https"):
-            raise ValueError("must be a comma-separated list of origins like https://app.example.com, or *")
-    return origins or None
-
-
-def _optional(text: str) -> str | None:
-    return text.strip() or None
-
-
-def _hosts(text: str) -> tuple[str, ...] | None:
-    hosts = tuple(h.strip().lower() for h in text.split(",") if h.strip())
-    return hosts or None
-
-
-def _http_url(text: str) -> str | None:
-    text = text.strip()
-    if not text:
-        return None
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http(s):// URL")
-    return text
-
-
-def _database_url(text: str) -> str | None:
-    text = text.strip()
-    if not text:
-        return None
-    if urlsplit(text).scheme not in ("postgresql", "postgres", "sqlite"):
-        raise ValueError("must start with postgresql:// or sqlite:///")
-    return text
-
-
-def _redis_url(text: str) -> str:
-    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must start with redis://, rediss:// or unix://")
-    return text
-
-
-def _log_level(text: str) -> str:
-    level = text.strip().upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
-    return level
-
-
-def _log_format(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("text", "json"):
-        raise ValueError("must be text or json")
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class Settings:
-    """Everything configurable. Build it with `Settings.from_env()` in an entry point, or directly in tests."""
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
     # The model.
-    openai_api_key: str | None = field(default=None, metadata=_env("OPENAI_API_KEY", _optional))
-    openai_base_url: str | None = field(default=None, metadata=_env("OPENAI_BASE_URL", _http_url))
-    openai_model: str = field(default="gpt-4o-mini", metadata=_env("OPENAI_MODEL"))
-    openai_max_tokens: int | None = field(default=None, metadata=_env("OPENAI_MAX_TOKENS", _positive_int))
+    openai_api_key: OptionalText = None
+    openai_base_url: HttpUrl = None
+    openai_model: str = "gpt-4o-mini"
+    openai_max_tokens: PositiveInt | None = None
     # An answer longer than this is cut there and stored with `truncated` in its metadata.
-    max_answer_chars: int = field(default=100_000, metadata=_env("MAX_ANSWER_CHARS", _positive_int))
-    system_prompt: str = field(
-        default="You are a helpful assistant in a realtime chat. Answer clearly and concisely.",
-        metadata=_env("SYSTEM_PROMPT"),
-    )
-    fallback_text: str = field(
-        default="Sorry, I can't answer right now. Please try again in a moment.",
-        metadata=_env("FALLBACK_TEXT"),
-    )
-    context_max_chars: int = field(default=48_000, metadata=_env("CONTEXT_MAX_CHARS", _positive_int))
-    llm_connect_timeout_s: float = field(default=5.0, metadata=_env("LLM_CONNECT_TIMEOUT_S", _positive_float))
-    llm_first_token_timeout_s: float = field(default=30.0, metadata=_env("LLM_FIRST_TOKEN_TIMEOUT_S", _positive_float))
-    llm_token_gap_timeout_s: float = field(default=20.0, metadata=_env("LLM_TOKEN_GAP_TIMEOUT_S", _positive_float))
-    llm_max_retries: int = field(default=2, metadata=_env("LLM_MAX_RETRIES", _non_negative_int))
-    llm_retry_budget_s: float = field(default=10.0, metadata=_env("LLM_RETRY_BUDGET_S", _positive_float))
-    llm_retry_after_cap_s: float = field(default=5.0, metadata=_env("LLM_RETRY_AFTER_CAP_S", _positive_float))
-    offline_token_delay_s: float = field(default=0.02, metadata=_env("OFFLINE_TOKEN_DELAY_S", _non_negative_float))
+    max_answer_chars: PositiveInt = 100_000
+    system_prompt: str = "You are a helpful assistant in a realtime chat. Answer clearly and concisely."
+    fallback_text: str = "Sorry, I can't answer right now. Please try again in a moment."
+    context_max_chars: PositiveInt = 48_000
+    context_max_tokens: PositiveInt = 16_000
+    llm_connect_timeout_s: PositiveFloat = 5.0
+    llm_first_token_timeout_s: PositiveFloat = 30.0
+    llm_token_gap_timeout_s: PositiveFloat = 20.0
+    llm_max_retries: NonNegativeInt = 2
+    llm_retry_budget_s: PositiveFloat = 10.0
+    llm_retry_after_cap_s: PositiveFloat = 5.0
+    offline_token_delay_s: NonNegativeFloat = 0.02
 
     # Storage and queue.
     # None when DATABASE_URL is unset: Supabase is then used if configured, else the local SQLite file.
-    database_url: str | None = field(default=None, metadata=_env("DATABASE_URL", _database_url))
-    supabase_url: str | None = field(default=None, metadata=_env("SUPABASE_URL", _http_url))
-    supabase_service_role_key: str | None = field(default=None, metadata=_env("SUPABASE_SERVICE_ROLE_KEY", _optional))
-    redis_url: str = field(default="redis://localhost:6379", metadata=_env("REDIS_URL", _redis_url))
-    redis_max_connections: int = field(default=64, metadata=_env("REDIS_MAX_CONNECTIONS", _positive_int))
-    store_retry_max_s: float = field(default=5.0, metadata=_env("STORE_RETRY_MAX_S", _positive_float))
-    store_connect_timeout_s: float = field(default=5.0, metadata=_env("STORE_CONNECT_TIMEOUT_S", _positive_float))
+    database_url: DatabaseUrl = None
+    supabase_url: HttpUrl = None
+    supabase_service_role_key: OptionalText = None
+    redis_url: RedisUrl = "redis://localhost:6379"
+    redis_max_connections: PositiveInt = 64
+    store_retry_max_s: PositiveFloat = 5.0
+    store_connect_timeout_s: PositiveFloat = 5.0
     # Writes the store cannot take for SPOOL_AFTER_S, or past SPOOL_MAX_PENDING events, move to files here.
-    spool_dir: Path = field(default=Path("data/spool"), metadata=_env("SPOOL_DIR", Path))
-    spool_after_s: float = field(default=10.0, metadata=_env("SPOOL_AFTER_S", _positive_float))
-    spool_max_pending: int = field(default=50_000, metadata=_env("SPOOL_MAX_PENDING", _positive_int))
+    spool_dir: Path = Path("data/spool")
+    spool_after_s: PositiveFloat = 10.0
+    spool_max_pending: PositiveInt = 50_000
 
     # Post-session summaries.
-    summary_delay_s: float = field(default=0.0, metadata=_env("SUMMARY_DELAY_S", _non_negative_float))
-    summary_prompt: str = field(
-        default=(
-            "Summarise this conversation between a user and an AI assistant in at most {max_words} words, "
-            "in the language the conversation is in. Say what the user wanted, the key facts and answers, "
-            "and anything left open. Write plain prose, no preamble."
-        ),
-        metadata=_env("SUMMARY_PROMPT"),
+    summary_delay_s: NonNegativeFloat = 0.0
+    summary_prompt: str = (
+        "Summarise this conversation between a user and an AI assistant in at most {max_words} words, "
+        "in the language the conversation is in. Say what the user wanted, the key facts and answers, "
+        "and anything left open. Write plain prose, no preamble."
     )
-    summary_max_words: int = field(default=120, metadata=_env("SUMMARY_MAX_WORDS", _positive_int))
-    summary_chunk_chars: int = field(default=24_000, metadata=_env("SUMMARY_CHUNK_CHARS", _positive_int))
-    summary_max_tries: int = field(default=5, metadata=_env("SUMMARY_MAX_TRIES", _positive_int))
-    summary_retry_base_s: float = field(default=5.0, metadata=_env("SUMMARY_RETRY_BASE_S", _positive_float))
-    summary_job_timeout_s: float = field(default=300.0, metadata=_env("SUMMARY_JOB_TIMEOUT_S", _positive_float))
-    session_stale_s: float = field(default=30.0, metadata=_env("SESSION_STALE_S", _positive_float))
-    takeover_wait_s: float = field(default=5.0, metadata=_env("TAKEOVER_WAIT_S", _positive_float))
-    presence_ttl_s: float = field(default=15.0, metadata=_env("PRESENCE_TTL_S", _positive_float))
-    worker_metrics_port: int = field(default=9191, metadata=_env("WORKER_METRICS_PORT", _port_or_zero))
-    sweep_batch: int = field(default=200, metadata=_env("SWEEP_BATCH", _positive_int))
-    worker_max_jobs: int = field(default=200, metadata=_env("WORKER_MAX_JOBS", _positive_int))
+    summary_max_words: PositiveInt = 120
+    summary_chunk_chars: PositiveInt = 24_000
+    summary_max_tries: PositiveInt = 5
+    summary_retry_base_s: PositiveFloat = 5.0
+    summary_job_timeout_s: PositiveFloat = 300.0
+    session_stale_s: PositiveFloat = 30.0
+    takeover_wait_s: PositiveFloat = 5.0
+    presence_ttl_s: PositiveFloat = 15.0
+    worker_metrics_port: PortOrOff = 9191
+    sweep_batch: PositiveInt = 200
+    worker_max_jobs: PositiveInt = 200
 
     # Who may connect.
-    auth_jwt_secret: str | None = field(default=None, metadata=_env("AUTH_JWT_SECRET", _optional))
-    auth_jwks_url: str | None = field(default=None, metadata=_env("AUTH_JWKS_URL", _http_url))
-    auth_audience: str | None = field(default=None, metadata=_env("AUTH_AUDIENCE", _optional))
-    auth_issuer: str | None = field(default=None, metadata=_env("AUTH_ISSUER", _optional))
-    auth_jwks_cache_s: float = field(default=600.0, metadata=_env("AUTH_JWKS_CACHE_S", _positive_float))
-    auth_disabled: bool = field(default=False, metadata=_env("AUTH_DISABLED", _bool))
-    allowed_origins: tuple[str, ...] | None = field(default=None, metadata=_env("ALLOWED_ORIGINS", _origins))
+    auth_jwt_secret: OptionalText = None
+    auth_jwks_url: HttpUrl = None
+    auth_audience: OptionalText = None
+    auth_issuer: OptionalText = None
+    auth_jwks_cache_s: PositiveFloat = 600.0
+    auth_disabled: Flag = False
+    allowed_origins: Origins = None
     # Host header values served; None: the loopback names and HOST when authentication is off, any otherwise.
-    allowed_hosts: tuple[str, ...] | None = field(default=None, metadata=_env("ALLOWED_HOSTS", _hosts))
+    allowed_hosts: Hosts = None
 
     # The server.
-    host: str = field(default="127.0.0.1", metadata=_env("HOST"))
-    port: int = field(default=8001, metadata=_env("PORT", _port))
-    web_dir: Path = field(default=REPO_ROOT / "web", metadata=_env("WEB_DIR", Path))
-    log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL", _log_level))
-    log_format: str = field(default="text", metadata=_env("LOG_FORMAT", _log_format))
-    ws_heartbeat_s: float = field(default=30.0, metadata=_env("WS_HEARTBEAT_S", _positive_float))
+    host: str = "127.0.0.1"
+    port: Port = 8001
+    web_dir: Path = REPO_ROOT / "web"
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], _text(str.upper)] = "INFO"
+    log_format: Annotated[Literal["text", "json"], _text(str.lower)] = "text"
+    ws_heartbeat_s: PositiveFloat = 30.0
     # A send that cannot drain within this, or a connection with more than this buffered, loses its socket.
-    send_timeout_s: float = field(default=10.0, metadata=_env("SEND_TIMEOUT_S", _positive_float))
-    max_send_buffer_bytes: int = field(default=4 * 1024 * 1024, metadata=_env("MAX_SEND_BUFFER_BYTES", _positive_int))
-    shutdown_drain_s: float = field(default=20.0, metadata=_env("SHUTDOWN_DRAIN_S", _non_negative_float))
-    shutdown_flush_s: float = field(default=10.0, metadata=_env("SHUTDOWN_FLUSH_S", _positive_float))
+    send_timeout_s: PositiveFloat = 10.0
+    max_send_buffer_bytes: PositiveInt = 4 * 1024 * 1024
+    shutdown_drain_s: NonNegativeFloat = 20.0
+    shutdown_flush_s: PositiveFloat = 10.0
+    # What a turn's answer does when its socket goes away: finish and be stored, or stop there.
+    on_disconnect: Annotated[Literal["continue", "cancel"], _text(str.lower)] = "cancel"
 
     # Protocol limits.
-    max_message_bytes: int = field(default=16 * 1024, metadata=_env("MAX_MESSAGE_BYTES", _positive_int))
-    max_frame_bytes: int = field(default=1024 * 1024, metadata=_env("MAX_FRAME_BYTES", _positive_int))
-    max_pending_messages: int = field(default=8, metadata=_env("MAX_PENDING_MESSAGES", _non_negative_int))
-    messages_per_minute: int = field(default=60, metadata=_env("MESSAGES_PER_MINUTE", _positive_int))
-    user_messages_per_minute: int = field(default=120, metadata=_env("USER_MESSAGES_PER_MINUTE", _positive_int))
-    max_turns_per_session: int = field(default=1000, metadata=_env("MAX_TURNS_PER_SESSION", _positive_int))
-    idle_timeout_s: float = field(default=600.0, metadata=_env("IDLE_TIMEOUT_S", _non_negative_float))
-    max_connections: int = field(default=10_000, metadata=_env("MAX_CONNECTIONS", _positive_int))
-    max_connections_per_user: int = field(default=20, metadata=_env("MAX_CONNECTIONS_PER_USER", _positive_int))
-    history_limit: int = field(default=1000, metadata=_env("HISTORY_LIMIT", _positive_int))
+    max_message_bytes: PositiveInt = 16 * 1024
+    max_frame_bytes: PositiveInt = 1024 * 1024
+    max_pending_messages: NonNegativeInt = 8
+    messages_per_minute: PositiveInt = 60
+    user_messages_per_minute: PositiveInt = 120
+    max_turns_per_session: PositiveInt = 1000
+    idle_timeout_s: NonNegativeFloat = 600.0
+    max_connections: PositiveInt = 10_000
+    max_connections_per_user: PositiveInt = 20
+    history_limit: PositiveInt = 1000
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            error = e.errors()[0]
+            name = str(error["loc"][0])
+            if error["type"] == "value_error":
+                reason = str(error["ctx"]["error"])
+            elif error["type"] == "literal_error":
+                reason = f"must be {error['ctx']['expected']}"
+            else:
+                reason = _REASONS.get(error["type"], error["msg"])
+            raise ConfigError(f"{name.upper()}={values.get(name, error['input'])!r}: {reason}") from e
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: Source,
+        env_settings: Source,
+        dotenv_settings: Source,
+        file_secret_settings: Source,
+    ) -> tuple[Source, ...]:
+        # Only the arguments: reading the environment is from_env's job, so no test sees a developer's `.env`.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env", **overrides: Any
+    ) -> Settings:
+        """Read every setting from `environ` (default: the process environment) over the values in `env_file`.
+
+        Raises ConfigError naming the first variable whose value cannot be used.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for source in (DotEnvSettingsSource(cls, env_file=env_file), _Environ(cls, environ)):
+            # A `.env` may hold variables for other tools (docker compose, the tests): only ours are read.
+            values.update((name, value) for name, value in source().items() if name in cls.model_fields)
+        return cls(**{**values, **overrides})
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes`, checked as any Settings is."""
+        return type(self)(**{**dict(self), **changes})
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Settings:
+        """The rules that span several settings."""
+        if not self.auth_enabled and not self.loopback_only and not self.auth_disabled:
+            raise ConfigError(
+                f"HOST={self.host!r} without authentication: set AUTH_JWT_SECRET or AUTH_JWKS_URL, "
+                "or AUTH_DISABLED=true to serve everyone who can reach it"
+            )
+        if self.max_message_bytes > self.max_frame_bytes:
+            raise ConfigError("MAX_MESSAGE_BYTES must not exceed MAX_FRAME_BYTES")
+        return self
 
     @property
     def offline(self) -> bool:
@@ -253,40 +264,23 @@ class Settings:
     def model_name(self) -> str:
         return OFFLINE_MODEL if self.offline else self.openai_model
 
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env", **overrides: Any
-    ) -> Settings:
-        """Read every setting from `environ` (default: the process environment) over the values in `env_file`.
 
-        Raises ConfigError naming the first variable whose value cannot be used.
-        """
-        values: dict[str, str] = {}
-        if env_file is not None and Path(env_file).is_file():
-            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-        values.update(os.environ if environ is None else environ)
+class _Environ(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (tests pass one) instead of `os.environ`."""
 
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            name = f.metadata["env"]
-            if name not in values:
-                continue
-            try:
-                kwargs[f.name] = f.metadata["parse"](values[name])
-            except ValueError as e:
-                reason = str(e) if "must" in str(e) else f"must be a valid {f.type}"
-                raise ConfigError(f"{name}={values[name]!r}: {reason}") from e
-        kwargs.update(overrides)
-        settings = cls(**kwargs)
-        settings.validate()
-        return settings
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
 
-    def validate(self) -> None:
-        """Check the rules that span several settings."""
-        if not self.auth_enabled and not self.loopback_only and not self.auth_disabled:
-            raise ConfigError(
-                f"HOST={self.host!r} without authentication: set AUTH_JWT_SECRET or AUTH_JWKS_URL, "
-                "or AUTH_DISABLED=true to serve everyone who can reach it"
-            )
-        if self.max_message_bytes > self.max_frame_bytes:
-            raise ConfigError("MAX_MESSAGE_BYTES must not exceed MAX_FRAME_BYTES")
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # As DotEnvSettingsSource does for its file; names match case-insensitively, as for `os.environ`.
+        return {name.lower(): value for name, value in self._environ.items()}
+
+
+def load_settings() -> Settings:
+    """Settings for an entry point: a value that cannot be used stops the process with one line and status 2."""
+    try:
+        return Settings.from_env()
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e

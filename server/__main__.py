@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from core.errors import ConfigError
 from core.logs import setup_logging
-from core.settings import Settings
+from core.settings import load_settings
 
 from . import serve
 from .app import create_app, tune_gc
@@ -21,11 +20,7 @@ def main(argv: list[str]) -> int:
     if argv:
         print("usage: python -m server [migrate [DATABASE_URL]]", file=sys.stderr)
         return 2
-    try:
-        settings = Settings.from_env()
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
+    settings = load_settings()
     setup_logging(level=settings.log_level, fmt=settings.log_format)
     url = f"http://{settings.host}:{settings.port}/"
     logging.getLogger("server").info("listening", extra={"fields": {"url": url}})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import socket
 import sys
@@ -191,7 +190,7 @@ async def make_client(aiohttp_client: Any, settings: Settings) -> AppClientFacto
     """Start the real app against the test services; keyword arguments override settings."""
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
-        return await aiohttp_client(create_app(dataclasses.replace(settings, **overrides)))  # type: ignore[no-any-return]
+        return await aiohttp_client(create_app(settings.replace(**overrides)))  # type: ignore[no-any-return]
 
     return make
 
@@ -201,7 +200,7 @@ async def run_worker(settings: Settings) -> Callable[..., Awaitable[Worker]]:
     """Run the real arq worker in burst mode until its queue is empty; keyword arguments override settings."""
 
     async def run(**overrides: Any) -> Worker:
-        options = worker_options(dataclasses.replace(settings, **overrides))
+        options = worker_options(settings.replace(**overrides))
         # The sweeper is run on demand in tests (as the SWEEP_JOB function), not on the clock.
         options.update(cron_jobs=None, burst=True, handle_signals=False, poll_delay=0.05)
         worker = Worker(**options)

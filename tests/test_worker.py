@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 import subprocess
@@ -299,7 +298,7 @@ async def test_the_worker_reports_its_jobs_on_metrics_and_answers_arq_check(clie
     await chat_and_leave(client, "s1", "count me")
     await eventually(lambda: queued(redis))
     port = free_port()
-    options = worker_options(dataclasses.replace(settings, worker_metrics_port=port))
+    options = worker_options(settings.replace(worker_metrics_port=port))
     options.update(cron_jobs=None, handle_signals=False, poll_delay=0.05)
     worker = Worker(**options)
     running = asyncio.create_task(worker.async_run())

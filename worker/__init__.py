@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 
@@ -12,17 +11,12 @@ def __getattr__(name: str) -> Any:
     # value must stop the worker with one line, not a traceback.
     if name != "WorkerSettings":
         raise AttributeError(name)
-    from core.errors import ConfigError
     from core.logs import setup_logging
-    from core.settings import Settings
+    from core.settings import load_settings
 
     from .settings import build_worker_settings
 
-    try:
-        settings = Settings.from_env()
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+    settings = load_settings()
     setup_logging(level=settings.log_level, fmt=settings.log_format)
     # arq's command line gives its logger a handler of its own after this import; without this its
     # lines would print twice.

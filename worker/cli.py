@@ -14,9 +14,9 @@ from arq.connections import ArqRedis
 from arq.jobs import Job
 from redis.exceptions import RedisError
 
-from core.errors import ConfigError, StoreError
+from core.errors import StoreError
 from core.jobs import SUMMARIZE_JOB
-from core.settings import Settings
+from core.settings import Settings, load_settings
 from core.store import Store, SummaryState, open_store
 
 _ALL_LIMIT = 1_000_000
@@ -54,12 +54,7 @@ def main(argv: Sequence[str]) -> int:
         parser.error("name sessions, or use --missing or --all (one of them)")
     if (args.since or args.until) and not args.all:
         parser.error("--since and --until go with --all")
-    try:
-        settings = Settings.from_env()
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    return asyncio.run(_resummarize(args, settings))
+    return asyncio.run(_resummarize(args, load_settings()))
 
 
 async def _resummarize(args: argparse.Namespace, settings: Settings) -> int:
