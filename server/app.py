@@ -19,6 +19,7 @@ from . import api, ws
 from .auth import Authenticator
 from .keys import AUTH, HUB, LLM_CLIENT, METRICS, PRESENCE, REDIS, SETTINGS, SOCKETS, STORE
 from .metrics import Metrics
+from .parsing import handler_args
 from .presence import Presence
 from .sessions import Hub
 
@@ -102,7 +103,7 @@ async def tune_gc(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[api.json_errors], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[api.json_errors], handler_args=handler_args(), client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SOCKETS] = weakref.WeakSet()
