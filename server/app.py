@@ -17,6 +17,7 @@ from core.store import open_store
 
 from . import api, ws
 from .auth import Authenticator
+from .hosts import allowed_hosts
 from .keys import AUTH, HUB, LLM_CLIENT, METRICS, PRESENCE, REDIS, SETTINGS, SOCKETS, STORE
 from .metrics import Metrics
 from .parsing import handler_args
@@ -103,7 +104,10 @@ async def tune_gc(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[api.json_errors], handler_args=handler_args(), client_max_size=64 * 1024)
+    # The host check is outermost: a request for another host name reaches nothing, not even a 404.
+    app = web.Application(
+        middlewares=[allowed_hosts(settings), api.json_errors], handler_args=handler_args(), client_max_size=64 * 1024
+    )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SOCKETS] = weakref.WeakSet()
