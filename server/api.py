@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -130,8 +131,19 @@ async def json_errors(
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "http_error")
         return json_error(e.status, code, e.reason)
-    except Exception:
+    except Exception as e:
+        if _name_too_long(request, e):
+            return json_error(404, "not_found", "Not Found")
         if request.path.startswith("/ws/"):
             raise  # The socket may already be open: nothing can be answered in HTTP now.
         log.exception("unhandled error", extra={"fields": {"path": request.path}})
         return json_error(500, "internal_error", "something went wrong on our side")
+
+
+def _name_too_long(request: web.Request, error: Exception) -> bool:
+    """aiohttp's static route lets a file name too long for the file system escape as OSError: no such file."""
+    return (
+        isinstance(error, OSError)
+        and error.errno == errno.ENAMETOOLONG
+        and isinstance(request.match_info.route.resource, web.StaticResource)
+    )

@@ -79,6 +79,9 @@ async def test_bad_parameters_and_unknown_routes_answer_json_errors(client):
         resp = await client.get("/api/sessions", params={"limit": limit})
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "invalid_limit"
+    # A file name longer than the file system takes is just not there.
+    resp = await client.get("/web/" + "a" * 300)
+    assert (resp.status, (await resp.json())["error"]["code"]) == (404, "not_found")
     resp = await client.get("/api/nothing")
     assert resp.status == 404
     assert orjson.loads(await resp.read())["error"]["code"] == "not_found"
