@@ -1,11 +1,11 @@
-"""Requests aiohttp's HTTP parser refuses before any route runs: how long a request line may be, and how the
-refusals are logged.
+"""What aiohttp's HTTP parser refuses before any route runs: the request-line limit, and how refusals are logged.
 
 A request line over aiohttp's default 8190 bytes is answered by the parser itself, in plain text, and logged
 as an ERROR with a traceback. The limit is raised to MAX_REQUEST_LINE so that oversized ids and cursors reach
-the routes, which refuse them in JSON (`invalid_session_id`, ...). Beyond it, or for requests that are not HTTP
-at all, the parser still answers (aiohttp offers no public hook for its error response), but the log says
-WARNING, without a traceback: a malformed request is the client's fault, not a bug here.
+the routes, which refuse them in JSON (`invalid_session_id`, ...). Beyond it, or for other malformed requests (bad
+headers, a header over 8190 bytes), the parser still answers in plain text (aiohttp offers no public hook for
+that response), but the log says WARNING, without a traceback: the client's fault, not a bug here. (Bytes that
+are not HTTP at all, as the first request on a connection, aiohttp itself logs at DEBUG.)
 """
 
 from __future__ import annotations
