@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from core.errors import StoreError
@@ -16,19 +17,14 @@ from core.store import MESSAGE_TYPES, SessionRecord
 from .auth import AuthError, token_from
 from .keys import AUTH, METRICS, REDIS, SETTINGS, STORE
 from .metrics import CONTENT_TYPE_LATEST
-from .protocol import SESSION_ID_RE, history_item, http_error
+from .protocol import SESSION_ID_RE, history_item
+from .responses import json_error, json_response
 
 log = logging.getLogger(__name__)
 
 MAX_LIST = 200
-
-
-def _json(body: Any, *, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json(http_error(code, message), status=status)
+# ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣" (which int() reads as 3).
+_LIMIT_RE = re.compile(r"[0-9]{1,9}")
 
 
 def _session(record: SessionRecord) -> dict[str, Any]:
@@ -62,41 +58,41 @@ async def _caller(request: web.Request) -> str | None:
 
 async def list_sessions(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
-        return _error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIST}")
+    if not _LIMIT_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIST:
+        return json_error(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIST}")
     try:
         user_id = await _caller(request)
     except _Unauthorized as e:
-        return _error(401, "unauthorized", str(e))
+        return json_error(401, "unauthorized", str(e))
     try:
         records = await request.app[STORE].list_sessions(limit=int(raw), owner_id=user_id)
     except StoreError:
-        return _error(503, "store_unavailable", "the database is not answering; try again shortly")
-    return _json({"sessions": [_session(r) for r in records]})
+        return json_error(503, "store_unavailable", "the database is not answering; try again shortly")
+    return json_response({"sessions": [_session(r) for r in records]})
 
 
 async def get_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     if not SESSION_ID_RE.fullmatch(session_id):
-        return _error(400, "invalid_session_id", "session ids are 1 to 128 characters from A-Z a-z 0-9 . _ : -")
+        return json_error(400, "invalid_session_id", "session ids are 1 to 128 characters from A-Z a-z 0-9 . _ : -")
     try:
         user_id = await _caller(request)
     except _Unauthorized as e:
-        return _error(401, "unauthorized", str(e))
+        return json_error(401, "unauthorized", str(e))
     store = request.app[STORE]
     try:
         record = await store.get_session(session_id)
         # Someone else's session is answered as unknown: its existence is not the caller's business.
         if record is None or (user_id is not None and record.owner_id != user_id):
-            return _error(404, "session_not_found", f"no session {session_id!r}")
+            return json_error(404, "session_not_found", f"no session {session_id!r}")
         events = await store.events(session_id, types=MESSAGE_TYPES, limit=request.app[SETTINGS].history_limit)
     except StoreError:
-        return _error(503, "store_unavailable", "the database is not answering; try again shortly")
-    return _json({**_session(record), "events": [history_item(e) for e in events]})
+        return json_error(503, "store_unavailable", "the database is not answering; try again shortly")
+    return json_response({**_session(record), "events": [history_item(e) for e in events]})
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -105,8 +101,8 @@ async def readyz(request: web.Request) -> web.Response:
     results = await asyncio.gather(*(_within(c, 2.0) for c in checks.values()))
     failing = [name for name, ok in zip(checks, results, strict=True) if not ok]
     if failing:
-        return _json({"status": "unavailable", "failing": failing}, status=503)
-    return _json({"status": "ok"})
+        return json_response({"status": "unavailable", "failing": failing}, status=503)
+    return json_response({"status": "ok"})
 
 
 async def _within(check: Awaitable[Any], seconds: float) -> bool:
@@ -134,9 +130,20 @@ async def json_errors(
         if e.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "http_error")
-        return _error(e.status, code, e.reason)
-    except Exception:
+        return json_error(e.status, code, e.reason)
+    except Exception as e:
+        if _name_too_long(request, e):
+            return json_error(404, "not_found", "Not Found")
         if request.path.startswith("/ws/"):
             raise  # The socket may already be open: nothing can be answered in HTTP now.
         log.exception("unhandled error", extra={"fields": {"path": request.path}})
-        return _error(500, "internal_error", "something went wrong on our side")
+        return json_error(500, "internal_error", "something went wrong on our side")
+
+
+def _name_too_long(request: web.Request, error: Exception) -> bool:
+    """aiohttp's static route lets a file name too long for the file system escape as OSError: no such file."""
+    return (
+        isinstance(error, OSError)
+        and error.errno == errno.ENAMETOOLONG
+        and isinstance(request.match_info.route.resource, web.StaticResource)
+    )

@@ -20,6 +20,7 @@ from core.tasks import TaskSet
 from . import api, ws
 from .auth import Authenticator
 from .eventlog import EventLog
+from .hosts import allowed_hosts
 from .keys import (
     ADMISSION,
     ATTACHER,
@@ -43,6 +44,7 @@ from .live.presence import Presence
 from .live.registry import Registry
 from .live.session import Session
 from .metrics import Metrics
+from .parsing import handler_args
 from .ratelimit import UserRateLimiter
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,10 @@ async def tune_gc(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[api.json_errors], client_max_size=64 * 1024)
+    # The host check is outermost: a request for another host name reaches nothing, not even a 404.
+    app = web.Application(
+        middlewares=[allowed_hosts(settings), api.json_errors], handler_args=handler_args(), client_max_size=64 * 1024
+    )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SOCKETS] = weakref.WeakSet()

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 _ASYMMETRIC = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
 # An unknown key id triggers a refetch at most this often, so forged kids cannot hammer the key server.
 _REFETCH_MIN_S = 30.0
+_MAX_LOGGED = 255
 
 
 class AuthError(AppError):
@@ -145,12 +146,24 @@ def origin_allowed(request: web.Request, settings: Settings) -> bool:
     """Browsers send Origin on a WebSocket: refuse pages from elsewhere (cross-site WebSocket hijacking).
 
     With ALLOWED_ORIGINS unset, only the server's own origin is allowed; `*` allows every origin. Clients
-    that send no Origin (apps, scripts) are not browsers and are let through: tokens protect them.
+    that send no Origin (apps, scripts) are not browsers and are let through: tokens protect them. "The
+    server's own origin" trusts the Host header, which the hosts middleware (server/hosts.py) has checked.
+    A refusal is logged at INFO with the origin.
     """
     origin = request.headers.get(hdrs.ORIGIN)
     if origin is None:
         return True
     allowed = settings.allowed_origins
     if allowed is None:
-        return origin in (f"http://{request.host}", f"https://{request.host}")
-    return "*" in allowed or origin.rstrip("/") in allowed
+        ok = origin in (f"http://{request.host}", f"https://{request.host}")
+    else:
+        ok = "*" in allowed or origin.rstrip("/") in allowed
+    if not ok:
+        # Both are the client's words, so cut to a length a log line can hold.
+        log.info(
+            "origin not allowed",
+            extra={
+                "fields": {"origin": origin[:_MAX_LOGGED], "host": request.host[:_MAX_LOGGED], "path": request.path}
+            },
+        )
+    return ok

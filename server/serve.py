@@ -41,10 +41,12 @@ async def _serve(app: web.Application, *, host: str, port: int) -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("stopping: finishing answers; send the signal again to stop at once", extra={"fields": {}})
+            log.info(
+                "shutting down: finishing the answers in flight; a second signal stops at once", extra={"fields": {}}
+            )
             stop.set()
         elif LIFECYCLE in app:
-            log.warning("stopping at once: what is not stored goes to the spool", extra={"fields": {}})
+            log.warning("shutting down at once: what is not stored yet goes to the spool", extra={"fields": {}})
             app[LIFECYCLE].force()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

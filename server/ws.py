@@ -16,13 +16,9 @@ from .keys import ADMISSION, ATTACHER, AUTH, LIFECYCLE, LLM_CLIENT, METRICS, REG
 from .live.admission import SERVER_BUSY
 from .live.connection import Connection
 from .live.outbox import Outbox
-from .protocol import http_error
+from .responses import json_error
 
 log = logging.getLogger(__name__)
-
-
-def _refuse(status: int, code: str, message: str) -> web.Response:
-    return web.json_response(http_error(code, message), status=status)
 
 
 def _cursor(request: web.Request) -> int | None:
@@ -37,29 +33,29 @@ def _cursor(request: web.Request) -> int | None:
 async def session_socket(request: web.Request) -> web.StreamResponse:
     session_id = request.match_info["session_id"]
     if not protocol.valid_session_id(session_id):
-        return _refuse(400, "invalid_session_id", "session ids are 1 to 128 characters from A-Z a-z 0-9 . _ : -")
+        return json_error(400, "invalid_session_id", "session ids are 1 to 128 characters from A-Z a-z 0-9 . _ : -")
     after = _cursor(request)
     if after is None:
-        return _refuse(400, "invalid_cursor", "after must be a non-negative integer event id")
+        return json_error(400, "invalid_cursor", "after must be a non-negative integer event id")
     if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
-        return _refuse(426, "upgrade_required", "this route speaks WebSocket only")
+        return json_error(426, "upgrade_required", "this route speaks WebSocket only")
 
     app = request.app
     settings, metrics, auth, admission = app[SETTINGS], app[METRICS], app[AUTH], app[ADMISSION]
     if not origin_allowed(request, settings):
-        return _refuse(403, "origin_not_allowed", "pages from this origin may not connect")
+        return json_error(403, "origin_not_allowed", "pages from this origin may not connect")
     identity = None
     if auth.enabled:
         try:
             identity = await auth.verify(token_from(request))
         except AuthError as e:
-            return _refuse(401, "unauthorized", str(e))
+            return json_error(401, "unauthorized", str(e))
     user_id = None if identity is None else identity.user_id
     refusal = admission.admit(user_id)
     if refusal == SERVER_BUSY:
-        return _refuse(503, refusal, "this server holds as many connections as it may; try another or retry later")
+        return json_error(503, refusal, "this server holds as many connections as it may; try another or retry later")
     if refusal is not None:
-        return _refuse(429, refusal, "you have too many connections open; close one first")
+        return json_error(429, refusal, "you have too many connections open; close one first")
 
     registry = app[REGISTRY]
     session = registry.checkout(session_id)
@@ -69,12 +65,12 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
             try:
                 opened, history = await app[ATTACHER].attach(session, user_id=user_id)
             except Forbidden as e:
-                return _refuse(403, "forbidden", str(e))
+                return json_error(403, "forbidden", str(e))
             except (StoreError, TimeoutError) as e:
                 log.warning(
                     "store unavailable at connect", extra={"fields": {"session_id": session_id, "error": str(e)}}
                 )
-                return _refuse(503, "store_unavailable", "the database is not answering; try again shortly")
+                return json_error(503, "store_unavailable", "the database is not answering; try again shortly")
             ws = web.WebSocketResponse(max_msg_size=settings.max_frame_bytes, heartbeat=settings.ws_heartbeat_s)
             await ws.prepare(request)
             outbox = Outbox(

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Any
+
 import orjson
 
 from tests.conftest import eventually, receive, receive_until
+
+
+async def raw_request(client: Any, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no client fixes them up) and read the whole answer: status, headers, body."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head, _, body = (await asyncio.wait_for(reader.read(-1), 5)).partition(b"\r\n\r\n")
+    finally:
+        writer.close()
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
 
 
 async def _chat(client, session_id: str, text: str) -> None:
@@ -56,10 +74,14 @@ async def test_one_session_shows_its_events_in_order_and_unknown_ones_are_404(cl
 
 
 async def test_bad_parameters_and_unknown_routes_answer_json_errors(client):
-    for limit in ("0", "abc", "100000", "-3"):
+    # "²" and "٣" are digits to str.isdigit(); int() refuses the first and reads the second as 3.
+    for limit in ("0", "abc", "100000", "-3", "²", "٣", "1" * 5000, "5\n"):
         resp = await client.get("/api/sessions", params={"limit": limit})
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "invalid_limit"
+    # A file name longer than the file system takes is just not there.
+    resp = await client.get("/web/" + "a" * 300)
+    assert (resp.status, (await resp.json())["error"]["code"]) == (404, "not_found")
     resp = await client.get("/api/nothing")
     assert resp.status == 404
     assert orjson.loads(await resp.read())["error"]["code"] == "not_found"
@@ -81,3 +103,38 @@ async def test_health_readiness_and_metrics(client, make_client):
     resp = await broken.get("/readyz")
     assert resp.status == 503
     assert (await resp.json())["failing"] == ["redis"]
+
+
+def _trouble(caplog: Any) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_a_very_long_session_id_is_answered_in_json_without_a_traceback(client, caplog):
+    long_id = "a" * 10_000
+    resp = await client.get(f"/api/sessions/{long_id}")
+    assert (resp.status, (await resp.json())["error"]["code"]) == (400, "invalid_session_id")
+    # The socket route too, over a bare connection as a browser would send it.
+    request = (
+        f"GET /ws/session/{long_id} HTTP/1.1\r\nHost: {client.host}:{client.port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n\r\n"
+    )
+    status, headers, body = await raw_request(client, request.encode())
+    assert (status, headers["content-type"]) == (400, "application/json")
+    assert orjson.loads(body)["error"]["code"] == "invalid_session_id"
+    assert _trouble(caplog) == []
+
+
+async def test_a_request_the_http_parser_refuses_is_logged_as_a_warning_without_a_traceback(client, caplog):
+    # Past the request-line limit aiohttp's parser answers before any route runs: still a 400, and the log
+    # holds one warning, not an error with a traceback.
+    caplog.set_level(logging.INFO)
+    request = f"GET /api/sessions/{'a' * 40_000} HTTP/1.1\r\nHost: {client.host}:{client.port}\r\n\r\n"
+    status, _, _ = await raw_request(client, request.encode())
+    assert status == 400
+    # Not HTTP at all (scanners, TLS to a plain port): aiohttp itself keeps that at DEBUG.
+    status, _, _ = await raw_request(client, b"NOT HTTP AT ALL\r\n\r\n")
+    assert status == 400
+    assert _trouble(caplog) == []
+    [warning] = [r for r in caplog.records if r.getMessage() == "malformed request refused"]
+    assert warning.levelno == logging.WARNING
+    assert warning.fields == {"remote": "127.0.0.1", "status": 400, "error": "LineTooLong"}  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -170,6 +171,17 @@ async def test_browsers_from_other_origins_are_refused(make_client):
     ws = await client.ws_connect("/ws/session/s1")
     await receive(ws)
     await ws.close()
+
+
+async def test_an_origin_refusal_is_logged_with_the_origin(client, caplog):
+    caplog.set_level(logging.INFO, logger="server.auth")
+    assert await refused(client, "/ws/session/s1", headers={"Origin": "https://evil.example"}) == (
+        403,
+        "origin_not_allowed",
+    )
+    logged = [r for r in caplog.records if r.getMessage() == "origin not allowed"]
+    assert logged and all(r.levelno == logging.INFO for r in logged)
+    assert logged[0].fields["origin"] == "https://evil.example"  # type: ignore[attr-defined]
 
 
 async def test_by_default_only_the_servers_own_origin_may_connect(client):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 import aiohttp
 import orjson
 
-from tests.conftest import receive, start_server
+from tests.conftest import eventually, receive, start_server
 from tests.fakes import openai_server as fake
 
 LONG_ANSWER = " ".join(f"word{i}" for i in range(30))
@@ -106,3 +107,44 @@ async def test_during_the_drain_messages_are_stored_and_refused_and_cancel_still
     assert messages == ["m1", "m2"]
     acked = {e.get("client_msg_id") for e in events if e["type"] == "message.stored" and e["role"] == "user"}
     assert acked == {"m1", "m2"}
+
+
+async def test_a_second_sigterm_stops_at_once_and_keeps_the_partial_answer(db, redis, fake_llm, settings, tmp_path):
+    fake_llm.script(fake.slow(0.2, text=LONG_ANSWER))
+    spool = str(tmp_path / "spool")
+    server, port = await start_server(settings, SHUTDOWN_DRAIN_S="30", SPOOL_DIR=spool)
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws/session/s1")
+            await receive(ws)
+            await ws.send_str(orjson.dumps({"type": "message", "text": "tell me", "client_msg_id": "m1"}).decode())
+            while (await receive(ws))["type"] != "response.delta":
+                pass
+            server.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            stopped_at = asyncio.get_running_loop().time()
+            server.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                assert await server.wait() == 0
+            # Far sooner than the 30 s drain, or the 6 s the answer still had to go.
+            assert asyncio.get_running_loop().time() - stopped_at < 5
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+    # What it had no time to store is in its spool, and the next start writes it.
+    server, _ = await start_server(settings, SPOOL_DIR=spool)
+    try:
+
+        async def stored() -> list[Any]:
+            rows = await db.fetch("select event_type, content from session_events where session_id = 's1' order by id")
+            return rows if len(rows) >= 4 else []
+
+        rows = await eventually(stored, timeout=10)
+    finally:
+        server.terminate()
+        await server.wait()
+    assert [r["event_type"] for r in rows] == ["connected", "user_message", "ai_message", "disconnected"]
+    partial = rows[2]["content"]
+    assert partial and LONG_ANSWER.startswith(partial) and partial != LONG_ANSWER

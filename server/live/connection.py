@@ -100,12 +100,13 @@ class Connection:
         """The caller's access token ran out: end the session with 1008 (policy)."""
         self._tasks.spawn(self.close(WSCloseCode.POLICY_VIOLATION, "the access token expired"))
 
-    async def close(self, code: int, message: str) -> None:
+    async def close(self, code: int, message: str, *, ack_wait_s: float | None = None) -> None:
         """Close the socket once this connection's stored messages are acknowledged (bounded: a store that is
         away does not hold the close; the client then resends, idempotently by client_msg_id)."""
         self._closing = True
-        if self._unacked:
-            await asyncio.wait(set(self._unacked), timeout=self._settings.send_timeout_s)
+        wait_s = self._settings.send_timeout_s if ack_wait_s is None else ack_wait_s
+        if self._unacked and wait_s > 0:
+            await asyncio.wait(set(self._unacked), timeout=wait_s)
             await asyncio.sleep(0)  # The acknowledgements the commits scheduled.
         # Recorded: after the handshake aiohttp reports the client's reply (usually 1000), not our reason.
         self._close_sent = self._close_sent or code

@@ -138,7 +138,9 @@ class Lifecycle:
 
     async def close_connections(self, code: int, message: str) -> None:
         holders = list(self._registry.holders())
-        await asyncio.gather(*(h.close(code, message) for h in holders), return_exceptions=True)
+        # Forced: no waiting for acknowledgements either; what is not stored is spooled.
+        ack_wait_s = 0.0 if self._forced else None
+        await asyncio.gather(*(h.close(code, message, ack_wait_s=ack_wait_s) for h in holders), return_exceptions=True)
 
     async def close(self, *, within_s: float) -> None:
         """Process shutdown: give the endings `within_s`, then spool whatever is still not written."""
