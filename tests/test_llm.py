@@ -106,6 +106,15 @@ async def test_complete_joins_the_answer_and_sends_max_tokens(make: MakeLLM, ups
     assert [r["max_tokens"] for r in upstream.requests] == [50, 7]
 
 
+async def test_a_stream_sends_its_own_max_tokens_else_the_configured_one(make: MakeLLM, upstream: FakeOpenAI) -> None:
+    llm = make(openai_max_tokens=50)
+    async with aclosing(llm.stream(HELLO, StreamStats(), max_tokens=3)) as stream:
+        assert [piece async for piece in stream]
+    await answer(llm)
+
+    assert [r["max_tokens"] for r in upstream.requests] == [3, 50]
+
+
 async def test_a_local_server_needs_no_api_key(make: MakeLLM, upstream: FakeOpenAI) -> None:
     upstream.script(fake_api.reply("Hi!"))
     assert await answer(make(openai_api_key=None)) == "Hi!"
@@ -336,6 +345,15 @@ async def test_the_offline_model_echoes_and_counts_turns_the_same_way_every_time
     assert stats.first_token_s is not None
     assert await llm.complete(messages) == text
     assert llm.model == "offline-demo"
+
+
+async def test_the_offline_model_stops_at_max_tokens() -> None:
+    llm = OfflineLLM(token_delay_s=0)
+    stats = StreamStats()
+    async with aclosing(llm.stream(HELLO, stats, max_tokens=3)) as stream:
+        assert [piece async for piece in stream] == ["Offline ", "demo ", "model, "]
+    assert stats.finish_reason == "length" and stats.completion_tokens == 3
+    assert await llm.complete(HELLO, max_tokens=3) == "Offline demo model, "
 
 
 async def test_the_offline_model_quotes_a_long_message_shortened() -> None:

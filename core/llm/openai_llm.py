@@ -20,7 +20,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ..errors import LLMError, LLMRateLimited, LLMUnavailable
 from ..settings import Settings
-from .base import ChatMessage, StreamStats
+from .base import LLM, ChatMessage, StreamStats
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _MAX_PROVIDER_MESSAGE = 200
 _STREAM = openai.AsyncStream[ChatCompletionChunk]
 
 
-class OpenAILLM:
+class OpenAILLM(LLM):
     """Streams chat completions from OpenAI or any server that speaks its Chat Completions API."""
 
     def __init__(self, settings: Settings) -> None:
@@ -90,10 +90,6 @@ class OpenAILLM:
                 fields = {"model": self.model, "retry": stats.retries, "wait_s": round(wait, 3), "error": str(e)}
                 log.info("llm request retried", extra={"fields": fields})
                 await asyncio.sleep(wait)
-
-    async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None) -> str:
-        async with aclosing(self.stream(messages, StreamStats(), max_tokens=max_tokens)) as pieces:
-            return "".join([piece async for piece in pieces])
 
     async def close(self) -> None:
         await self._client.close()
