@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import re
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -18,6 +17,7 @@ import openai
 import orjson
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from ..backoff import backoff_delay
 from ..errors import LLMError, LLMRateLimited, LLMUnavailable
 from ..settings import Settings
 from .base import LLM, ChatMessage, StreamStats
@@ -98,8 +98,7 @@ class OpenAILLM(LLM):
         cap = self._settings.llm_retry_after_cap_s
         if error.retry_after is not None:
             return min(error.retry_after, cap)
-        # Jitter keeps many sessions that failed together from retrying together.
-        return min(_BACKOFF_FIRST_S * 2.0**retries, cap) * random.uniform(0.5, 1.0)
+        return backoff_delay(retries, base=_BACKOFF_FIRST_S, cap=cap)
 
     async def _attempt(
         self, messages: Sequence[ChatMessage], max_tokens: int | None, stats: StreamStats
