@@ -107,6 +107,18 @@ async def test_complete_joins_the_answer_and_sends_max_tokens(make: MakeLLM, ups
     assert [r["max_tokens"] for r in upstream.requests] == [50, 7]
 
 
+async def test_a_server_that_ignores_stream_options_still_answers_without_token_counts(
+    make: MakeLLM, upstream: FakeOpenAI
+) -> None:
+    upstream.reports_usage = False
+    stats = StreamStats()
+
+    assert await answer(make(), stats=stats) == "You said: Hello there, how are you today?"
+
+    assert stats.finish_reason == "stop"
+    assert stats.prompt_tokens is None and stats.completion_tokens is None
+
+
 async def test_a_stream_sends_its_own_max_tokens_else_the_configured_one(make: MakeLLM, upstream: FakeOpenAI) -> None:
     llm = make(openai_max_tokens=50)
     async with aclosing(llm.stream(HELLO, StreamStats(), max_tokens=3)) as stream:

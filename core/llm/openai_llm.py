@@ -235,7 +235,8 @@ class _SSEDecoder:
                     pieces.append(content)
                 if reason := choice.get("finish_reason"):
                     stats.finish_reason = str(reason)
-            if usage := event.get("usage"):
+            # Advisory: a server that leaves it out, or sends something odd, must not fail the answer.
+            if isinstance(usage := event.get("usage"), dict):
                 stats.prompt_tokens = usage.get("prompt_tokens")
                 stats.completion_tokens = usage.get("completion_tokens")
         except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError):
