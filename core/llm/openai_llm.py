@@ -235,8 +235,9 @@ class _SSEDecoder:
                     pieces.append(content)
                 if reason := choice.get("finish_reason"):
                     stats.finish_reason = str(reason)
-            # Advisory: a server that leaves it out, or sends something odd, must not fail the answer.
-            if isinstance(usage := event.get("usage"), dict):
+            # Advisory: a server that leaves it out, or sends something odd, must not fail the answer. (Every chunk
+            # has `"usage": null` but the last: the truth test first keeps them at their old cost.)
+            if (usage := event.get("usage")) and isinstance(usage, dict):
                 stats.prompt_tokens = usage.get("prompt_tokens")
                 stats.completion_tokens = usage.get("completion_tokens")
         except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError):
