@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from core.backoff import backoff_delay
 from core.errors import LLMError, LLMRateLimited, LLMUnavailable
 from core.llm import LLM, ChatMessage, OfflineLLM, OpenAILLM, StreamStats, make_llm
 from core.settings import Settings
@@ -104,6 +105,27 @@ async def test_complete_joins_the_answer_and_sends_max_tokens(make: MakeLLM, ups
     assert await make(openai_max_tokens=50).complete(HELLO) == "You said: Hello there, how are you today?"
     assert await make(openai_max_tokens=50).complete(HELLO, max_tokens=7) == "You said: Hello there, how are you today?"
     assert [r["max_tokens"] for r in upstream.requests] == [50, 7]
+
+
+async def test_a_server_that_ignores_stream_options_still_answers_without_token_counts(
+    make: MakeLLM, upstream: FakeOpenAI
+) -> None:
+    upstream.reports_usage = False
+    stats = StreamStats()
+
+    assert await answer(make(), stats=stats) == "You said: Hello there, how are you today?"
+
+    assert stats.finish_reason == "stop"
+    assert stats.prompt_tokens is None and stats.completion_tokens is None
+
+
+async def test_a_stream_sends_its_own_max_tokens_else_the_configured_one(make: MakeLLM, upstream: FakeOpenAI) -> None:
+    llm = make(openai_max_tokens=50)
+    async with aclosing(llm.stream(HELLO, StreamStats(), max_tokens=3)) as stream:
+        assert [piece async for piece in stream]
+    await answer(llm)
+
+    assert [r["max_tokens"] for r in upstream.requests] == [3, 50]
 
 
 async def test_a_local_server_needs_no_api_key(make: MakeLLM, upstream: FakeOpenAI) -> None:
@@ -338,6 +360,15 @@ async def test_the_offline_model_echoes_and_counts_turns_the_same_way_every_time
     assert llm.model == "offline-demo"
 
 
+async def test_the_offline_model_stops_at_max_tokens() -> None:
+    llm = OfflineLLM(token_delay_s=0)
+    stats = StreamStats()
+    async with aclosing(llm.stream(HELLO, stats, max_tokens=3)) as stream:
+        assert [piece async for piece in stream] == ["Offline ", "demo ", "model, "]
+    assert stats.finish_reason == "length" and stats.completion_tokens == 3
+    assert await llm.complete(HELLO, max_tokens=3) == "Offline demo model, "
+
+
 async def test_the_offline_model_quotes_a_long_message_shortened() -> None:
     text = await OfflineLLM(token_delay_s=0).complete([{"role": "user", "content": "x" * 1000}])
     assert "turn 1" in text and "first message" in text
@@ -351,3 +382,10 @@ async def test_the_offline_model_is_used_only_when_no_provider_is_configured() -
         llm = make_llm(settings)
         assert isinstance(llm, OpenAILLM) and llm.model == settings.openai_model
         await llm.close()
+
+
+def test_backoff_doubles_from_its_base_up_to_its_cap_keeping_at_least_half() -> None:
+    for attempt, full in [(0, 0.25), (1, 0.5), (2, 1.0), (3, 1.5), (5000, 1.5)]:
+        delays = [backoff_delay(attempt, base=0.25, cap=1.5) for _ in range(200)]
+        assert all(full / 2 <= d <= full for d in delays)
+        assert max(delays) - min(delays) > full / 10, "jittered"

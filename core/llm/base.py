@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict
 
@@ -16,7 +17,9 @@ class ChatMessage(TypedDict):
 
 @dataclass(slots=True)
 class StreamStats:
-    """Facts about one answer, filled in by the stream as it goes, so they are there even when it fails midway."""
+    """Facts about one answer, filled in by the stream as it goes, so they are there even when it fails midway.
+
+    The token counts are the provider's own when it reports them, and stay None when it does not."""
 
     retries: int = 0
     first_token_s: float | None = None
@@ -28,15 +31,23 @@ class StreamStats:
 class LLM(Protocol):
     """A chat model that streams its answer.
 
-    `stream` is an async generator of non-empty pieces of text. It raises `LLMError` subclasses only; closing or
-    cancelling it closes the upstream request at once, so the provider stops generating (and billing).
+    `stream` is an async generator of non-empty pieces of text, at most `max_tokens` tokens of them when given (else
+    the implementation's default). It raises `LLMError` subclasses only; closing or cancelling it closes the upstream
+    request at once, so the provider stops generating (and billing).
+
+    Implementations subclass this protocol to inherit `complete`, written once here on top of `stream`.
     """
 
     model: str
 
     # An AsyncGenerator rather than an AsyncIterator so callers can `aclosing()` it.
-    def stream(self, messages: Sequence[ChatMessage], stats: StreamStats) -> AsyncGenerator[str, None]: ...
+    def stream(
+        self, messages: Sequence[ChatMessage], stats: StreamStats, *, max_tokens: int | None = None
+    ) -> AsyncGenerator[str, None]: ...
 
-    async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None) -> str: ...
+    async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None) -> str:
+        """The whole answer at once, for callers that do not show it as it comes (summaries)."""
+        async with aclosing(self.stream(messages, StreamStats(), max_tokens=max_tokens)) as pieces:
+            return "".join([piece async for piece in pieces])
 
     async def close(self) -> None: ...

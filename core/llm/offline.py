@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
 
 from ..settings import OFFLINE_MODEL
-from .base import ChatMessage, StreamStats
+from .base import LLM, ChatMessage, StreamStats
 
 _QUOTE_MAX = 200
 _PIECE_RE = re.compile(r"\S+\s*")
 
 
-class OfflineLLM:
+class OfflineLLM(LLM):
     """Echoes the last user message and counts the turns, so the whole service can be tried without a provider."""
 
     def __init__(self, *, token_delay_s: float = 0.02) -> None:
@@ -39,10 +38,6 @@ class OfflineLLM:
             stats.completion_tokens = i + 1
             yield piece
         stats.finish_reason = "length" if truncated else "stop"
-
-    async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None) -> str:
-        async with aclosing(self.stream(messages, StreamStats(), max_tokens=max_tokens)) as pieces:
-            return "".join([piece async for piece in pieces])
 
     async def close(self) -> None:
         pass

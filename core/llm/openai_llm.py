@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import re
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -18,9 +17,10 @@ import openai
 import orjson
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from ..backoff import backoff_delay
 from ..errors import LLMError, LLMRateLimited, LLMUnavailable
 from ..settings import Settings
-from .base import ChatMessage, StreamStats
+from .base import LLM, ChatMessage, StreamStats
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _MAX_PROVIDER_MESSAGE = 200
 _STREAM = openai.AsyncStream[ChatCompletionChunk]
 
 
-class OpenAILLM:
+class OpenAILLM(LLM):
     """Streams chat completions from OpenAI or any server that speaks its Chat Completions API."""
 
     def __init__(self, settings: Settings) -> None:
@@ -91,10 +91,6 @@ class OpenAILLM:
                 log.info("llm request retried", extra={"fields": fields})
                 await asyncio.sleep(wait)
 
-    async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None) -> str:
-        async with aclosing(self.stream(messages, StreamStats(), max_tokens=max_tokens)) as pieces:
-            return "".join([piece async for piece in pieces])
-
     async def close(self) -> None:
         await self._client.close()
 
@@ -102,8 +98,7 @@ class OpenAILLM:
         cap = self._settings.llm_retry_after_cap_s
         if error.retry_after is not None:
             return min(error.retry_after, cap)
-        # Jitter keeps many sessions that failed together from retrying together.
-        return min(_BACKOFF_FIRST_S * 2.0**retries, cap) * random.uniform(0.5, 1.0)
+        return backoff_delay(retries, base=_BACKOFF_FIRST_S, cap=cap)
 
     async def _attempt(
         self, messages: Sequence[ChatMessage], max_tokens: int | None, stats: StreamStats
@@ -240,7 +235,9 @@ class _SSEDecoder:
                     pieces.append(content)
                 if reason := choice.get("finish_reason"):
                     stats.finish_reason = str(reason)
-            if usage := event.get("usage"):
+            # Advisory: a server that leaves it out, or sends something odd, must not fail the answer. (Every chunk
+            # has `"usage": null` but the last: the truth test first keeps them at their old cost.)
+            if (usage := event.get("usage")) and isinstance(usage, dict):
                 stats.prompt_tokens = usage.get("prompt_tokens")
                 stats.completion_tokens = usage.get("completion_tokens")
         except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError):

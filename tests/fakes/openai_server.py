@@ -118,6 +118,8 @@ class FakeOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.token_delay = 0.0
+        # OpenAI sends usage on a stream only when asked; False plays a server that ignores `stream_options`.
+        self.reports_usage = True
         self.disconnects = 0
         self._scripts: deque[Scenario] = deque()
         self._ids = itertools.count(1)
@@ -144,6 +146,7 @@ class FakeOpenAI:
         self.headers.clear()
         self._scripts.clear()
         self.token_delay = 0.0
+        self.reports_usage = True
         self.disconnects = 0
 
     def script(self, *scenarios: Scenario) -> None:
@@ -191,7 +194,7 @@ class FakeOpenAI:
         text = scenario.text if scenario.text is not None else self.reply_for(body.get("messages", []))
         pieces = scenario.chunks if scenario.chunks is not None else _WORD_RE.findall(text)
         chunk_id, created, model = f"chatcmpl-fake{next(self._ids)}", int(time.time()), body.get("model", "")
-        usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage_wanted = self.reports_usage and bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> bytes:
             event: dict[str, Any] = {
@@ -202,6 +205,8 @@ class FakeOpenAI:
                 "system_fingerprint": "fp_fake",
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
             }
+            # As OpenAI: when usage was asked for, every chunk has the key, null until a last chunk that has it
+            # and no choices.
             if usage_wanted:
                 event["usage"] = usage
             if usage is not None:
