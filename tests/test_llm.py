@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from core.backoff import backoff_delay
 from core.errors import LLMError, LLMRateLimited, LLMUnavailable
 from core.llm import LLM, ChatMessage, OfflineLLM, OpenAILLM, StreamStats, make_llm
 from core.settings import Settings
@@ -382,10 +381,3 @@ async def test_the_offline_model_is_used_only_when_no_provider_is_configured() -
         llm = make_llm(settings)
         assert isinstance(llm, OpenAILLM) and llm.model == settings.openai_model
         await llm.close()
-
-
-def test_backoff_doubles_from_its_base_up_to_its_cap_keeping_at_least_half() -> None:
-    for attempt, full in [(0, 0.25), (1, 0.5), (2, 1.0), (3, 1.5), (5000, 1.5)]:
-        delays = [backoff_delay(attempt, base=0.25, cap=1.5) for _ in range(200)]
-        assert all(full / 2 <= d <= full for d in delays)
-        assert max(delays) - min(delays) > full / 10, "jittered"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from datetime import datetime
 
+from core.backoff import backoff_delay
 from core.errors import StoreError, StoreUnavailable
 from core.store import NewEvent, Store
 
@@ -214,7 +214,7 @@ class Committer:
                 return
             attempt += 1
             self._metrics.store_write_retries.inc()
-            delay = min(self._max_backoff_s, 0.05 * 2**attempt) * (0.5 + random.random() / 2)
+            delay = backoff_delay(attempt, base=0.05, cap=self._max_backoff_s)
             sessions = sorted({event.session_id for event, _ in batch})
             fields = {"sessions": sessions[:10], "events": len(batch), "attempt": attempt, "error": str(error)}
             log.warning("store write failed, retrying", extra={"fields": fields})

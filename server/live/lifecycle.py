@@ -6,8 +6,7 @@ import asyncio
 import logging
 from datetime import datetime
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
-
+from core.backoff import backoff_delay
 from core.errors import StoreError, StoreUnavailable
 from core.jobs import JobQueue, summary_job_id
 from core.settings import Settings
@@ -86,17 +85,19 @@ class Lifecycle:
         return summary_job_id(session.id, start_time=state.start_time, last_message_id=state.last_message_id)
 
     async def _record_end(self, session_id: str, end_time: datetime) -> None:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(StoreUnavailable),
-            wait=wait_exponential_jitter(multiplier=0.05, max=self._settings.store_retry_max_s),
-            before_sleep=lambda state: log.warning(
-                "could not record session end, retrying",
-                extra={"fields": {"session_id": session_id, "attempt": state.attempt_number}},
-            ),
-        )
-        async for attempt in retrying:
-            with attempt:
+        """Retried until the store takes it: the session's end is what its summary waits for."""
+        attempt = 0
+        while True:
+            try:
                 await self._store.end_session(session_id, end_time=end_time)
+                return
+            except StoreUnavailable as e:
+                log.warning(
+                    "could not record session end, retrying",
+                    extra={"fields": {"session_id": session_id, "attempt": attempt, "error": str(e)}},
+                )
+                await asyncio.sleep(backoff_delay(attempt, base=0.05, cap=self._settings.store_retry_max_s))
+                attempt += 1
 
     # Shutdown, in this order: drain and flush (once), close the sockets, close.
 
