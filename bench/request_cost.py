@@ -18,7 +18,7 @@ import openai
 from core.llm import ChatMessage, OpenAILLM, StreamStats
 from core.settings import Settings
 
-from .run import REPO, _free_port, _wait_http
+from .stack import REPO, _free_port, _wait_http
 
 
 async def main(argv: list[str]) -> None:

@@ -8,120 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import random
 import resource
-import socket
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import orjson
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-async def _wait_http(url: str, within_s: float = 30) -> None:
-    deadline = time.monotonic() + within_s
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(url) as resp:
-                    if resp.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer")
-            await asyncio.sleep(0.1)
-
-
-@dataclass
-class Stack:
-    """The processes under test, and how to reach them."""
-
-    server: asyncio.subprocess.Process
-    upstream: asyncio.subprocess.Process
-    server_url: str
-    upstream_url: str
-    database_url: str
-    http: aiohttp.ClientSession = field(
-        default_factory=lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    )
-
-    async def pace(self, *, tokens: int, ttft_s: float, gap_s: float) -> None:
-        await self.http.post(f"{self.upstream_url}/pace", json={"tokens": tokens, "ttft_s": ttft_s, "gap_s": gap_s})
-
-    async def upstream_timings(self) -> dict[str, list[float]]:
-        """For each request since the last `pace`, by its last message's text: arrived, first chunk, last chunk."""
-        async with self.http.get(f"{self.upstream_url}/timings") as resp:
-            return orjson.loads(await resp.read())  # type: ignore[no-any-return]
-
-
-async def start_stack(database_url: str, redis_url: str) -> Stack:
-    python = sys.executable
-    up_port, server_port = _free_port(), _free_port()
-    upstream = await asyncio.create_subprocess_exec(
-        python, "-m", "bench.upstream", "--port", str(up_port), cwd=REPO, stderr=asyncio.subprocess.DEVNULL
-    )
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(REPO),
-        "PORT": str(server_port),
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
-        "OPENAI_MODEL": "bench",
-        "LOG_LEVEL": "WARNING",
-        "MESSAGES_PER_MINUTE": "100000",
-        "HISTORY_LIMIT": "50",
-        # Summary jobs at once, as the summaries part measures (a value in .env must not defer them).
-        "SUMMARY_DELAY_S": "0",
-    }
-    server = await asyncio.create_subprocess_exec(python, "-m", "server", env=env, cwd=REPO)
-    stack = Stack(server, upstream, f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{up_port}", database_url)
-    await _wait_http(f"{stack.upstream_url}/timings")
-    await _wait_http(f"{stack.server_url}/healthz")
-    return stack
-
-
-async def stop_stack(stack: Stack) -> None:
-    await stack.http.close()
-    for proc in (stack.server, stack.upstream):
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
+from .stack import Stack, Turn, _converse, _ms, _open, _pct, _proc_cpu_s, _proc_rss_kib, start_stack, stop_stack
+from .summaries import add_summary_options, summary_runs
 
 # The floor: nothing between the client and the upstream.
 
@@ -159,41 +58,6 @@ async def floor(stack: Stack, *, streams: int) -> dict[str, float]:
 
 
 # Through the server.
-
-
-@dataclass
-class Turn:
-    sent: float = 0.0
-    first_delta: float | None = None
-    stored: float | None = None
-    done: float | None = None
-    tokens: int = 0
-
-
-async def _open(stack: Stack, session_id: str) -> aiohttp.ClientWebSocketResponse:
-    ws = await stack.http.ws_connect(f"{stack.server_url}/ws/session/{session_id}", max_msg_size=0)
-    ready = orjson.loads((await ws.receive()).data)
-    assert ready["type"] == "session.ready", ready
-    return ws
-
-
-async def _converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn) -> None:
-    turn.sent = time.time()
-    await ws.send_str(orjson.dumps({"type": "message", "text": marker, "client_msg_id": marker}).decode())
-    while turn.done is None or turn.stored is None:
-        msg = await ws.receive()
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            raise RuntimeError(f"socket closed: {msg}")
-        event = orjson.loads(msg.data)
-        kind = event["type"]
-        if kind == "response.delta":
-            turn.tokens += event["delta"].count(" ")
-            if turn.first_delta is None:
-                turn.first_delta = time.time()
-        elif kind == "response.done":
-            turn.done = time.time()
-        elif kind == "message.stored" and event["role"] == "user":
-            turn.stored = time.time()
 
 
 async def relay(stack: Stack, *, sessions: int, label: str, spread_s: float = 0.0) -> dict[str, Any]:
@@ -281,10 +145,6 @@ async def idle(stack: Stack, *, connections: int) -> dict[str, Any]:
     return {"connections": connections, "kib_per_connection": (rss1 - rss0) / connections, "held": pongs == len(sample)}
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
-
-
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--sessions", default="1,100,1000", help="concurrency levels for the latency runs")
@@ -297,20 +157,7 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--throughput-sessions", type=int, default=200)
     parser.add_argument("--throughput-tokens", type=int, default=500)
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections for the memory run")
-    parser.add_argument(
-        "--summary-sessions",
-        default="1,50",
-        help="sessions ending together, for the disconnect-to-summary runs ('' and --summary-jobs 0: no summaries)",
-    )
-    parser.add_argument(
-        "--summary-jobs", type=int, default=200, help="sessions ending together, for the worker's jobs/s (0: none)"
-    )
-    parser.add_argument(
-        "--summary-min-sessions",
-        type=int,
-        default=20,
-        help="a summaries level smaller than this is run again (new sessions) until this many are measured",
-    )
+    add_summary_options(parser)
     args = parser.parse_args(argv)
     database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
     redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
@@ -372,46 +219,6 @@ async def main(argv: list[str]) -> int:
     finally:
         await stop_stack(stack)
     return 0
-
-
-async def summary_runs(stack: Stack, redis_url: str, args: argparse.Namespace) -> None:
-    from .summaries import start_worker, stop_worker, summaries  # it builds on this module
-
-    levels = [int(x) for x in args.summary_sessions.split(",") if x]
-    if args.summary_jobs:
-        levels.append(args.summary_jobs)
-    if not levels:
-        return
-    # Summaries of 20 tokens, streamed at once: what is left is the pipeline's own time.
-    await stack.pace(tokens=20, ttft_s=0, gap_s=0)
-    worker = await start_worker(stack, redis_url)
-    try:
-        # Warm: the first job of a process pays one-time costs (the first upstream request, the first queries).
-        await summaries(stack, worker, sessions=1, label="sumwarm")
-        print(
-            f"\nsummaries (one worker process, pid {worker.pid}): from the client's close to the summary stored,"
-            " minus the model's own time"
-        )
-        n = args.summary_min_sessions
-        print(f"sessions closing together after one message each (a level under {n} runs in rounds until {n});")
-        print("'enqueued', 'started': from the close to the server enqueueing the job, and to the worker starting it;")
-        print("jobs/s: from the first job's start to the last one's end; CPU: the worker's per job ('-': too few)")
-        print(
-            f"{'sessions':>9} {'stored p50':>12} {'stored p99':>12} {'enqueued p50':>13} {'started p50':>12}"
-            f" {'jobs/s':>8} {'CPU/job':>10}"
-        )
-        for run_no, level in enumerate(levels):
-            r = await summaries(
-                stack, worker, sessions=level, label=f"sum{run_no}x{level}", min_sessions=args.summary_min_sessions
-            )
-            rate = "-" if math.isnan(r["jobs_per_s"]) else f"{r['jobs_per_s']:,.0f}"
-            cpu = "-" if math.isnan(r["cpu_s_per_job"]) else _ms(r["cpu_s_per_job"])
-            print(
-                f"{level:>9} {_ms(r['added_p50']):>12} {_ms(r['added_p99']):>12} {_ms(r['enqueued_p50']):>13}"
-                f" {_ms(r['started_p50']):>12} {rate:>8} {cpu:>10}"
-            )
-    finally:
-        await stop_worker(worker)
 
 
 def run() -> None:

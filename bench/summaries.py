@@ -1,5 +1,6 @@
-"""The summaries part of the bench: a real worker process (`arq worker.WorkerSettings`, as in the Dockerfile and
-docker-compose.yml) summarising the sessions the bench ends through the real server.
+"""The summaries part of the bench (`python -m bench`, or alone: `python -m bench.summaries`): a real worker process
+(`arq worker.WorkerSettings`, as in the Dockerfile and docker-compose.yml) summarising the sessions the bench ends
+through the real server.
 
 For each session, from the client's close (the instant before `ws.close()`) to the summary stored
 (`sessions.summary_updated_at`, the database's `now()` at the write, brought onto this process's clock), minus the
@@ -11,9 +12,12 @@ start to its last finish, and its CPU per job is read from /proc/<pid>/stat.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import math
 import os
 import re
+import resource
 import signal
 import sys
 import tempfile
@@ -27,7 +31,7 @@ import asyncpg
 from arq.jobs import deserialize_result
 from redis.asyncio import Redis
 
-from .run import REPO, Stack, Turn, _converse, _open, _pct, _proc_cpu_s
+from .stack import REPO, Stack, Turn, _converse, _ms, _open, _pct, _proc_cpu_s, start_stack, stop_stack
 
 _POLL_S = 0.02
 _WAIT_S = 120.0
@@ -61,7 +65,7 @@ class Worker:
             return "(no log)"
 
 
-async def start_worker(stack: Stack, redis_url: str) -> Worker:
+async def start_worker(stack: Stack, redis_url: str, *, max_jobs: int | None = None) -> Worker:
     """A worker process on the stack's database, Redis and upstream; returns once it polls its queue and the queue
     has stayed empty for a second (what its start-up sweep finds of earlier runs is not measured)."""
     env = {
@@ -76,6 +80,8 @@ async def start_worker(stack: Stack, redis_url: str) -> Worker:
         "LOG_LEVEL": "WARNING",
         "WORKER_METRICS_PORT": "0",
     }
+    if max_jobs is not None:
+        env["WORKER_MAX_JOBS"] = str(max_jobs)
     redis = Redis.from_url(redis_url)
     # Its heartbeat key says it polls: a stale one (a worker of an earlier run on this Redis) must not.
     await redis.delete(_HEALTH)
@@ -233,8 +239,8 @@ async def _round(stack: Stack, worker: Worker, *, sessions: int, label: str) -> 
 
 
 async def _job_results(worker: Worker, label: str, ids: list[str]) -> dict[str, dict[str, float]]:
-    """arq's record of each summary job of this round, by session (job ids: `summary:<session>:<start>:<last>`):
-    when it was enqueued, started and finished, on this machine's clock."""
+    """arq's record of each summary job of this round (job ids are `summary:<session>:<start>:<last message>`), by
+    session: when it was enqueued, started and finished, on this machine's clock."""
     pattern = f"{_RESULT}summary:{label}-*"
     while True:
         keys = [key async for key in worker.redis.scan_iter(match=pattern, count=1000)]
@@ -258,3 +264,97 @@ async def _job_results(worker: Worker, label: str, ids: list[str]) -> dict[str, 
     if missing := set(ids) - jobs.keys():
         raise RuntimeError(f"no job record for {sorted(missing)[:5]}")
     return jobs
+
+
+def add_summary_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--summary-sessions",
+        default="1,50",
+        help="sessions ending together, for the disconnect-to-summary runs ('' and --summary-jobs 0: no summaries)",
+    )
+    parser.add_argument(
+        "--summary-jobs", type=int, default=200, help="sessions ending together, for the worker's jobs/s (0: none)"
+    )
+    parser.add_argument(
+        "--summary-min-sessions",
+        type=int,
+        default=20,
+        help="a summaries level smaller than this is run again (new sessions) until this many are measured",
+    )
+    parser.add_argument(
+        "--summary-model-s",
+        default="0",
+        help="seconds the model takes for one summary (its first token after that, the rest at once); a list runs"
+        " every level at each pace, e.g. 1,5",
+    )
+    parser.add_argument(
+        "--worker-max-jobs", type=int, help="WORKER_MAX_JOBS for the worker (default: the worker's own, 200)"
+    )
+
+
+async def summary_runs(stack: Stack, redis_url: str, args: argparse.Namespace) -> None:
+    levels = [int(x) for x in args.summary_sessions.split(",") if x]
+    if args.summary_jobs:
+        levels.append(args.summary_jobs)
+    paces = [float(x) for x in args.summary_model_s.split(",") if x] or [0.0]
+    if not levels:
+        return
+    # Summaries of 20 tokens, streamed at once: what is left is the pipeline's own time.
+    await stack.pace(tokens=20, ttft_s=0, gap_s=0)
+    worker = await start_worker(stack, redis_url, max_jobs=args.worker_max_jobs)
+    try:
+        # Warm: the first job of a process pays one-time costs (the first upstream request, the first queries).
+        await summaries(stack, worker, sessions=1, label="sumwarm")
+        max_jobs = args.worker_max_jobs or "default"
+        print(
+            f"\nsummaries (one worker process, pid {worker.pid}, WORKER_MAX_JOBS {max_jobs}): from the client's close"
+            " to the summary stored, minus the model's own time"
+        )
+        n = args.summary_min_sessions
+        print(f"sessions closing together after one message each (a level under {n} runs in rounds until {n});")
+        print("'enqueued', 'started': from the close to the server enqueueing the job, and to the worker starting it;")
+        print("jobs/s: from the first job's start to the last one's end; CPU: the worker's per job ('-': too few);")
+        print("model: the model's time per summary (the chat answers before the close take as long)")
+        print(
+            f"{'sessions':>9} {'stored p50':>12} {'stored p99':>12} {'enqueued p50':>13} {'started p50':>12}"
+            f" {'jobs/s':>8} {'CPU/job':>10} {'model':>7}"
+        )
+        for pace_no, model_s in enumerate(paces):
+            await stack.pace(tokens=20, ttft_s=model_s, gap_s=0)
+            for run_no, level in enumerate(levels):
+                r = await summaries(
+                    stack,
+                    worker,
+                    sessions=level,
+                    label=f"sum{pace_no}p{run_no}x{level}",
+                    min_sessions=args.summary_min_sessions,
+                )
+                rate = "-" if math.isnan(r["jobs_per_s"]) else f"{r['jobs_per_s']:,.1f}"
+                cpu = "-" if math.isnan(r["cpu_s_per_job"]) else _ms(r["cpu_s_per_job"])
+                print(
+                    f"{level:>9} {_ms(r['added_p50']):>12} {_ms(r['added_p99']):>12} {_ms(r['enqueued_p50']):>13}"
+                    f" {_ms(r['started_p50']):>12} {rate:>8} {cpu:>10} {model_s:>6g}s"
+                )
+    finally:
+        await stop_worker(worker)
+
+
+async def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.summaries", description="The summaries part of the bench.")
+    add_summary_options(parser)
+    args = parser.parse_args(argv)
+    database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
+    redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    stack = await start_stack(database_url, redis_url)
+    try:
+        print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, server pid {stack.server.pid}")
+        await summary_runs(stack, redis_url, args)
+    finally:
+        await stop_stack(stack)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))

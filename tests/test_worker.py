@@ -8,19 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 from arq.connections import ArqRedis
-from arq.worker import Worker
+from redis.exceptions import RedisError
 
 from core.jobs import SWEEP_JOB
 from core.settings import REPO_ROOT
 from tests.conftest import eventually, free_port, receive, receive_until, service_env, start_server
 from tests.fakes import openai_server as fake
 from worker import cli
+from worker.runner import Worker
 from worker.settings import worker_options
 
 
@@ -48,6 +50,37 @@ async def queued(redis: Any) -> int:
 
 def summary_requests(fake_llm: Any) -> list[dict[str, Any]]:
     return [r for r in fake_llm.requests if "Summarise" in r["messages"][0]["content"]]
+
+
+async def ended_session(settings: Any, session_id: str, text: str) -> None:
+    """A session that ended with one message and no summary, as a server leaves it."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(
+            "insert into sessions (session_id, start_time, end_time) values ($1, now(), now())", session_id
+        )
+        await conn.execute(
+            "insert into session_events (session_id, event_type, content, event_key) values"
+            " ($1, 'user_message', $2, $3)",
+            session_id,
+            text,
+            f"{session_id}-k1",
+        )
+    finally:
+        await conn.close()
+
+
+async def start_worker_process(settings: Any, log: Path, **env: str) -> asyncio.subprocess.Process:
+    """A real `arq worker.WorkerSettings` process, as docker-compose runs it, logging to `log`."""
+    with log.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            os.path.join(os.path.dirname(sys.executable), "arq"),
+            "worker.WorkerSettings",
+            env=service_env(settings, **env),
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 async def test_a_closed_session_gets_its_summary_from_the_worker(client, db, redis, fake_llm, run_worker):
@@ -154,15 +187,7 @@ async def test_redis_down_at_disconnect_is_caught_up_by_the_sweeper(
 
 
 async def test_a_worker_killed_mid_job_leaves_the_job_for_the_next_worker(db, redis, fake_llm, run_worker, settings):
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute("insert into sessions (session_id, start_time, end_time) values ('s1', now(), now())")
-        await conn.execute(
-            "insert into session_events (session_id, event_type, content, event_key) values"
-            " ('s1', 'user_message', 'summarise me', 'k1')"
-        )
-    finally:
-        await conn.close()
+    await ended_session(settings, "s1", "summarise me")
     arq = ArqRedis(connection_pool=redis.connection_pool)
     await arq.enqueue_job("summarize_session", "s1", _job_id="summary:s1:1")
 
@@ -259,19 +284,95 @@ async def test_resummarize_refuses_unknown_sessions_and_bad_dates_clearly(db, se
     assert result.returncode == 2
 
 
-async def test_resummarize_dry_run_lists_what_it_would_do(client, db, redis, settings):
+async def test_resummarize_dry_run_says_what_it_would_do_for_each_session(
+    client, db, redis, fake_llm, run_worker, settings
+):
     await chat_and_leave(client, "s1", "one")
+    await eventually(lambda: queued(redis))
+    await run_worker()
     await chat_and_leave(client, "s2", "two")
 
     async def both_ended() -> bool:
         return bool(await db.fetchval("select count(*) = 2 from sessions where end_time is not null"))
 
     await eventually(both_ended)
-    before = await queued(redis)
+    before = await eventually(lambda: queued(redis))  # s2's job, from the server
     result = await asyncio.to_thread(run_cli, settings, "resummarize", "--all", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "would summarise s1" in result.stdout and "would summarise s2" in result.stdout
+    # --all summarises every ended session again, the up-to-date ones too.
+    assert "would re-summarise s1" in result.stdout
+    assert "would summarise s2" in result.stdout
+    assert "2 of 2 session(s) would be (re-)summarised; nothing enqueued" in result.stdout
+
+    # Named sessions: one already summarised is left alone unless forced.
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "s1", "s2", "--dry-run")
+    assert "would skip s1 (summary up to date" in result.stdout and "would summarise s2" in result.stdout
     assert await queued(redis) == before
+
+
+async def test_resummarize_wait_gives_up_when_no_worker_takes_the_jobs(client, db, redis, settings):
+    await chat_and_leave(client, "s1", "nobody will summarise this")
+    await eventually(lambda: db.fetchval("select end_time from sessions where session_id = 's1'"))
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "s1", "--wait", "--timeout", "1")
+    assert loop.time() - started < 20
+    assert result.returncode == 1
+    assert "enqueued 1 job(s)" in result.stdout
+    assert "gave up waiting after 1 s: 1 job(s) not finished; no worker is running" in result.stderr
+
+
+async def test_the_worker_process_rides_out_a_redis_outage_and_a_restart(
+    db, redis, fake_llm, settings, redis_control, tmp_path
+):
+    log = tmp_path / "worker.log"
+    proc = await start_worker_process(settings, log)
+    arq = ArqRedis.from_url(settings.redis_url)
+
+    async def heartbeat() -> bool:
+        with contextlib.suppress(RedisError, OSError):
+            return bool(await arq.exists("arq:queue:health-check"))
+        return False
+
+    async def summarised(session_id: str) -> Any:
+        return await db.fetchval("select summary from sessions where session_id = $1", session_id)
+
+    try:
+        await eventually(heartbeat, timeout=20)
+
+        # A long outage: Redis is away for many of the worker's polls (every 50 ms).
+        await redis_control.stop()
+        await asyncio.sleep(3)
+        assert proc.returncode is None, log.read_text()
+        await redis_control.start()
+        # The test Redis keeps nothing across a restart: the worker writes its heartbeat again at once.
+        await eventually(heartbeat, timeout=15)
+        await ended_session(settings, "s1", "after the outage")
+        await eventually(lambda: arq.enqueue_job("summarize_session", "s1", _job_id="after-outage"))
+        assert await eventually(lambda: summarised("s1"), timeout=15) == "You said: User: after the outage"
+
+        # A restart, quicker than a poll or two.
+        await redis_control.stop()
+        await redis_control.start()
+        await ended_session(settings, "s2", "after the restart")
+        await eventually(lambda: arq.enqueue_job("summarize_session", "s2", _job_id="after-restart"), timeout=10)
+        assert await eventually(lambda: summarised("s2"), timeout=15) == "You said: User: after the restart"
+        assert proc.returncode is None
+
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await arq.aclose()
+
+    text = log.read_text()
+    # One warning per outage, not one per poll; and at INFO one line per job, none of arq's per-job chatter.
+    assert 1 <= text.count("redis is unreachable") <= 2, text
+    assert text.count("outcome=summarised") == 2, text
+    assert "→" not in text and "recording health" not in text, text
 
 
 @pytest.mark.parametrize("n_messages", [40])

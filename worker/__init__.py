@@ -21,6 +21,17 @@ def __getattr__(name: str) -> Any:
     # arq's command line gives its logger a handler of its own after this import; without this its
     # lines would print twice.
     logging.getLogger("arq").propagate = False
+    _run_our_worker_class()
     worker_settings = build_worker_settings(settings)
     globals()["WorkerSettings"] = worker_settings
     return worker_settings
+
+
+def _run_our_worker_class() -> None:
+    # arq's command line builds `arq.worker.Worker` from WorkerSettings and has no option for another class: point
+    # it at ours, which rides out Redis outages instead of exiting (worker/runner.py).
+    import arq.worker
+
+    from .runner import Worker
+
+    arq.worker.Worker = Worker  # type: ignore[misc]

@@ -8,14 +8,16 @@ import secrets
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any
 
 from arq.connections import ArqRedis
+from arq.constants import default_queue_name, health_check_key_suffix
 from arq.jobs import Job
 from redis.exceptions import RedisError
+from tqdm import tqdm
 
 from core.errors import StoreError
-from core.jobs import SUMMARIZE_JOB
+from core.jobs import JobQueue, summary_job_id
 from core.settings import Settings, load_settings
 from core.store import Store, SummaryState, open_store
 
@@ -37,13 +39,24 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("session_ids", nargs="*", metavar="SESSION_ID", help="sessions to summarise")
     which = cmd.add_mutually_exclusive_group()
     which.add_argument("--missing", action="store_true", help="ended sessions without an up-to-date summary")
-    which.add_argument("--all", action="store_true", help="every ended session (narrow with --since/--until)")
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="every ended session, summarised again even when up to date (narrow with --since/--until)",
+    )
     cmd.add_argument("--since", type=_date, help="with --all: sessions started at or after this time (UTC)")
     cmd.add_argument("--until", type=_date, help="with --all: sessions started before this time (UTC)")
     cmd.add_argument("--force", action="store_true", help="summarise again even when the summary is up to date")
-    cmd.add_argument("--dry-run", action="store_true", help="list what would be enqueued, enqueue nothing")
+    cmd.add_argument("--dry-run", action="store_true", help="say what would be done for each session, enqueue nothing")
     cmd.add_argument("--wait", action="store_true", help="wait for the jobs and print each result")
-    cmd.add_argument("--timeout", type=float, default=600.0, help="with --wait: seconds to wait per job")
+    cmd.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --wait: give up (exit status 1) when the jobs have not all finished within this many seconds"
+        " in all, e.g. because no worker is running (default: %(default)g)",
+    )
     return parser
 
 
@@ -68,19 +81,28 @@ async def _resummarize(args: argparse.Namespace, settings: Settings) -> int:
         targets = await _select(args, store)
         if targets is None:
             return 2
-        if not targets:
-            print("nothing to summarise")
-            return 0
+        force = args.force or args.all
+        plan = [(state, _action(state, force=force)) for state in targets]
+        todo = [state for state, action in plan if action != "skip"]
         if args.dry_run:
-            for state in targets:
-                note = "up to date" if state.up_to_date else "needs a summary"
-                print(f"would summarise {state.session_id} (through event {state.last_message_id}, {note})")
+            for state, action in plan:
+                print(_dry_run_line(state, action))
+            print(f"dry run: {len(todo)} of {len(plan)} session(s) would be (re-)summarised; nothing enqueued")
             return 0
-        jobs = await _enqueue(redis, targets, force=args.force)
+        if not todo:
+            note = f"{len(plan)} session(s) up to date or without messages (--force to re-summarise)" if plan else ""
+            print(f"nothing to summarise{': ' + note if note else ''}")
+            return 0
+        # JobQueue logs and swallows a Redis that does not answer (right for the server): ask it here first.
+        await redis.ping()
+        jobs, refused = await _enqueue(JobQueue(redis), todo, force=force)
         print(f"enqueued {len(jobs)} job(s)")
+        if refused:
+            print(f"error: Redis refused {len(refused)} job(s): {', '.join(refused[:10])}", file=sys.stderr)
+            return 1
         if not args.wait:
             return 0
-        return await _wait(jobs, per_job_s=args.timeout)
+        return await _wait(redis, jobs, timeout_s=args.timeout)
     except (RedisError, OSError) as e:
         print(f"error: Redis at {settings.redis_url} is not answering: {e}", file=sys.stderr)
         return 1
@@ -113,65 +135,90 @@ async def _select(args: argparse.Namespace, store: Store) -> list[SummaryState] 
     return found
 
 
-async def _enqueue(redis: ArqRedis, targets: list[SummaryState], *, force: bool) -> list[tuple[str, Job]]:
-    # A fresh job id per run: an earlier job for the same state (done or given up) must not swallow this one.
-    # The job itself skips a state that is already summarised, unless forced.
+def _action(state: SummaryState, *, force: bool) -> str:
+    """What the job will do with the session as it is now (worker/jobs.py decides the same way)."""
+    if state.last_message_id is None:
+        return "skip"
+    if not state.up_to_date:
+        return "summarise"
+    return "re-summarise" if force else "skip"
+
+
+def _dry_run_line(state: SummaryState, action: str) -> str:
+    sid, last = state.session_id, state.last_message_id
+    if last is None:
+        return f"would skip {sid} (no messages)"
+    if action == "summarise":
+        have = "no summary" if state.summarized_through is None else f"summary through event {state.summarized_through}"
+        return f"would summarise {sid} (through event {last}; {have} yet)"
+    if action == "re-summarise":
+        return f"would re-summarise {sid} (through event {last}; its summary is up to date)"
+    return f"would skip {sid} (summary up to date through event {last}; --force to re-summarise)"
+
+
+async def _enqueue(
+    queue: JobQueue, targets: list[SummaryState], *, force: bool
+) -> tuple[list[tuple[str, Job]], list[str]]:
+    """The jobs enqueued, and the sessions whose job Redis refused."""
+    # The state's job id plus a fresh suffix per run: the state's own job (done, or given up after its last try)
+    # keeps its result in arq for a while and would swallow this one. The job skips a summarised state unless forced.
     run = secrets.token_hex(4)
     jobs = []
-    bar = _Progress("enqueueing", len(targets))
-    for state in targets:
-        job = await redis.enqueue_job(
-            SUMMARIZE_JOB, state.session_id, force=force, _job_id=f"resummarize:{state.session_id}:{run}"
-        )
-        if job is not None:
+    refused = []
+    for state in _bar(targets, "enqueueing"):
+        assert state.last_message_id is not None
+        state_id = summary_job_id(state.session_id, start_time=state.start_time, last_message_id=state.last_message_id)
+        job = await queue.summary(state.session_id, job_id=f"{state_id}:resummarize:{run}", force=force)
+        if job is None:
+            refused.append(state.session_id)
+        else:
             jobs.append((state.session_id, job))
-        bar.step()
-    bar.close()
-    return jobs
+    return jobs, refused
 
 
-async def _wait(jobs: list[tuple[str, Job]], *, per_job_s: float) -> int:
+async def _wait(redis: ArqRedis, jobs: list[tuple[str, Job]], *, timeout_s: float) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     failed = 0
-    bar = _Progress("waiting", len(jobs))
-    for session_id, job in jobs:
+    unfinished = []
+    for session_id, job in _bar(jobs, "waiting"):
         try:
-            result = await job.result(timeout=per_job_s)
-            outcome = result.get("outcome", result) if isinstance(result, dict) else result
-            bar.write(f"{session_id}: {outcome}")
+            result = await _result(job, deadline=deadline)
         except TimeoutError:
-            failed += 1
-            bar.write(f"{session_id}: no result within {per_job_s:g} s (is a worker running?)")
+            unfinished.append(session_id)
+            continue
         except Exception as e:
             failed += 1
-            bar.write(f"{session_id}: failed: {e}")
-        bar.step()
-    bar.close()
-    print(f"{len(jobs) - failed} done, {failed} failed")
-    return 1 if failed else 0
+            tqdm.write(f"{session_id}: failed: {e}")
+            continue
+        outcome = result.get("outcome", result) if isinstance(result, dict) else result
+        tqdm.write(f"{session_id}: {outcome}")
+    done = len(jobs) - failed - len(unfinished)
+    print(f"{done} done, {failed} failed" + (f", {len(unfinished)} unfinished" if unfinished else ""))
+    if unfinished:
+        alive = await redis.exists(default_queue_name + health_check_key_suffix)
+        why = "the worker has not finished them" if alive else "no worker is running (no worker heartbeat in Redis)"
+        print(
+            f"error: gave up waiting after {timeout_s:g} s: {len(unfinished)} job(s) not finished; {why}."
+            " They stay queued; start a worker with `arq worker.WorkerSettings`, or wait longer with --timeout.",
+            file=sys.stderr,
+        )
+    return 1 if failed or unfinished else 0
 
 
-class _Progress:
-    """A one-line progress bar on stderr, for runs long enough to want one, and only on a terminal."""
+async def _result(job: Job, *, deadline: float) -> Any:
+    """The job's result; TimeoutError when it has none by `deadline` (after it: whether it has one now)."""
+    if asyncio.get_running_loop().time() < deadline:
+        async with asyncio.timeout_at(deadline):
+            return await job.result(poll_delay=0.2)
+    info = await job.result_info()
+    if info is None:
+        raise TimeoutError
+    if not info.success:
+        raise info.result if isinstance(info.result, Exception) else RuntimeError(str(info.result))
+    return info.result
 
-    def __init__(self, label: str, total: int, *, stream: TextIO = sys.stderr) -> None:
-        self._label = label
-        self._total = total
-        self._done = 0
-        self._stream = stream
-        self._on = total >= 10 and stream.isatty()
 
-    def step(self) -> None:
-        self._done += 1
-        if self._on:
-            filled = int(30 * self._done / self._total)
-            self._stream.write(f"\r{self._label} [{'#' * filled}{' ' * (30 - filled)}] {self._done}/{self._total}")
-            self._stream.flush()
-
-    def write(self, line: str) -> None:
-        if self._on:
-            self._stream.write("\r\033[K")
-        print(line)
-
-    def close(self) -> None:
-        if self._on:
-            self._stream.write("\n")
+def _bar(items: list[Any], label: str) -> Any:
+    """A progress bar on stderr, for runs long enough to want one, and only on a terminal (tqdm's `disable=None`)."""
+    return tqdm(items, desc=label, file=sys.stderr, disable=None if len(items) >= 10 else True, leave=False)

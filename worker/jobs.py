@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core.errors import LLMError, StoreError
-from core.jobs import SUMMARIZE_JOB, held_key, summary_job_id
+from core.jobs import JobQueue, held_key, summary_job_id
 from core.llm import LLM, make_llm
 from core.settings import Settings
 from core.store import MESSAGE_TYPES, Store, open_store
@@ -31,7 +31,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["metrics"] = metrics = WorkerMetrics()
     if settings.worker_metrics_port:
-        await metrics.serve(host=settings.host, port=settings.worker_metrics_port)
+        metrics.serve(host=settings.host, port=settings.worker_metrics_port)
+    # The sweeper's enqueue path, the server's and the CLI's: one JobQueue, counted on this worker's metrics.
+    ctx["jobs"] = JobQueue(ctx["redis"], registry=metrics.registry)
     ctx["store"] = await open_store(settings)
     ctx["llm"] = make_llm(settings)
     log.info(
@@ -111,10 +113,12 @@ async def _held(redis: ArqRedis, session_id: str) -> bool:
 
 async def sweep_sessions(ctx: dict[str, Any]) -> dict[str, int]:
     """Find sessions that ended without an up-to-date summary, and sessions whose server died (no end time, no
-    live holder, quiet for SESSION_STALE_S); end the latter, and enqueue a summary job for each."""
+    live holder: the server's presence key has expired, and quiet for SESSION_STALE_S); end the latter, and
+    enqueue a summary job for each. Runs every 15 s (worker/settings.py)."""
     settings: Settings = ctx["settings"]
     store: Store = ctx["store"]
     redis: ArqRedis = ctx["redis"]
+    jobs: JobQueue = ctx["jobs"]
     stale_before = datetime.now(UTC) - timedelta(seconds=settings.session_stale_s)
     candidates = await store.sessions_needing_summary(stale_before=stale_before, limit=settings.sweep_batch)
     ended = enqueued = 0
@@ -127,17 +131,11 @@ async def sweep_sessions(ctx: dict[str, Any]) -> dict[str, int]:
             await store.end_session(state.session_id, end_time=state.last_message_at or datetime.now(UTC))
             ctx["metrics"].swept.labels("ended").inc()
             ended += 1
-        job = await redis.enqueue_job(
-            SUMMARIZE_JOB,
-            state.session_id,
-            _job_id=summary_job_id(
-                state.session_id, start_time=state.start_time, last_message_id=state.last_message_id
-            ),
-        )
-        if job is not None:
+        job_id = summary_job_id(state.session_id, start_time=state.start_time, last_message_id=state.last_message_id)
+        if await jobs.summary(state.session_id, job_id=job_id, source="sweep") is not None:
             ctx["metrics"].swept.labels("enqueued").inc()
             enqueued += 1
     result = {"candidates": len(candidates), "ended": ended, "enqueued": enqueued}
-    if candidates:
-        log.info("sweep done", extra={"fields": result})
+    # Held sessions stay candidates while they are quiet: a sweep that only skipped them is not news.
+    log.log(logging.INFO if ended or enqueued else logging.DEBUG, "sweep done", extra={"fields": result})
     return result

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import asyncio
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 _SUMMARY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -28,18 +30,18 @@ class WorkerMetrics:
         self.swept = Counter(
             "rt_sweep_sessions_total", "Sessions the sweeper acted on, by action", ["action"], registry=r
         )
-        self._runner: web.AppRunner | None = None
+        self._server: tuple[WSGIServer, threading.Thread] | None = None
 
-    async def serve(self, *, host: str, port: int) -> None:
-        async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+    def serve(self, *, host: str, port: int) -> None:
+        """prometheus_client's own server, in a daemon thread: a scrape never waits for the worker's event loop."""
+        self._server = start_http_server(port, addr=host, registry=self.registry)
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is None:
+            return
+        server, thread = self._server
+        self._server = None
+        # shutdown() blocks until the serving loop notices (it polls every 0.5 s): not on the event loop.
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        thread.join()

@@ -14,7 +14,8 @@ from .jobs import shutdown, startup, summarize_session, sweep_sessions
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `arq.Worker`: the tests build workers from this, `arq worker.WorkerSettings` too."""
+    """Keyword arguments for `worker.runner.Worker`: the tests build workers from this, `arq worker.WorkerSettings`
+    too."""
     return {
         "functions": [
             func(
@@ -26,14 +27,25 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             # Also callable on demand, e.g. right after an outage.
             func(sweep_sessions, name=SWEEP_JOB, max_tries=1, timeout=settings.summary_job_timeout_s),
         ],
-        # Every minute, on every worker; `unique` lets only one of them run each round.
-        "cron_jobs": [cron(sweep_sessions, name="sweep_sessions_cron", second=0, run_at_startup=True, unique=True)],
+        # Every 15 s, on every worker; `unique` lets only one of them run each round. Often enough that a session of
+        # a dead server is ended and summarised within about a minute (SESSION_STALE_S of quiet, then one round).
+        "cron_jobs": [
+            cron(
+                sweep_sessions,
+                name="sweep_sessions_cron",
+                second={0, 15, 30, 45},
+                run_at_startup=True,
+                unique=True,
+            )
+        ],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "ctx": {"settings": settings},
         "job_timeout": settings.summary_job_timeout_s,
         "max_tries": settings.summary_max_tries,
+        # Jobs at once in one worker process: a summary mostly waits on the model, so many fit in one event loop.
+        "max_jobs": settings.worker_max_jobs,
         # arq looks for new jobs every 0.5 s by default: most of the wait between a session's end and its summary
         # (bench/RESULTS.md). A poll is one cheap Redis command.
         "poll_delay": 0.05,
