@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import re
-import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import AsyncExitStack, aclosing, suppress
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx2
 import openai
-import orjson
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ..backoff import backoff_delay
-from ..errors import LLMError, LLMRateLimited, LLMUnavailable
+from ..errors import LLMError, LLMUnavailable
 from ..settings import Settings
 from .base import LLM, ChatMessage, StreamStats
+from .failures import status_error
+from .sse import SSEDecoder
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +29,6 @@ _BACKSTOP_MARGIN_S = 30.0
 _BACKOFF_FIRST_S = 0.25
 # After [DONE] the end of the body is normally already buffered: reading it lets the connection be reused.
 _DRAIN_S = 0.25
-_SECRET_RE = re.compile(r"\b(sk|rk|pk)-[\w*.\-]+")
-_MAX_PROVIDER_MESSAGE = 200
 _STREAM = openai.AsyncStream[ChatCompletionChunk]
 
 
@@ -107,7 +102,7 @@ class OpenAILLM(LLM):
         suspended at a yield would cancel the consumer instead of us."""
         s = self._settings
         first_deadline = asyncio.get_running_loop().time() + s.llm_first_token_timeout_s
-        decoder = _SSEDecoder()
+        decoder = SSEDecoder()
         got_text = False
         # A failed earlier attempt's finish_reason must not vouch for this one.
         stats.finish_reason = None
@@ -137,7 +132,7 @@ class OpenAILLM(LLM):
             except TimeoutError as e:
                 raise _first_token_timeout(s) from e
             except openai.APIStatusError as e:
-                raise _status_error(e, s.openai_api_key) from e
+                raise status_error(e, s.openai_api_key) from e
             except openai.APIConnectionError as e:
                 raise LLMUnavailable("could not reach the model provider", retryable=True) from e
             except openai.OpenAIError as e:
@@ -181,128 +176,8 @@ class OpenAILLM(LLM):
             raise LLMUnavailable("the model's answer ended before it was complete", retryable=True)
 
 
-class _SSEDecoder:
-    """Turns network reads of a Chat Completions event stream into text, stats, the end marker or an error."""
-
-    __slots__ = ("_data", "_rest", "done", "error")
-
-    def __init__(self) -> None:
-        self._rest = b""
-        self._data: list[bytes] = []
-        self.done = False
-        self.error: LLMError | None = None
-
-    def feed(self, data: bytes, stats: StreamStats) -> str:
-        """The text of every event completed by `data`, joined: one read, one piece downstream."""
-        lines = (self._rest + data if self._rest else data).split(b"\n")
-        # The last line is unfinished (or empty): it waits for the next read.
-        self._rest = lines.pop()
-        pieces: list[str] = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    self._dispatch(pieces, stats)
-                    if self.done or self.error is not None:
-                        break
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
-            # ":" comments are keep-alives; "event:", "id:" and "retry:" carry nothing we use.
-        return "".join(pieces)
-
-    def end(self, stats: StreamStats) -> str:
-        """The body ended: dispatch a last event that lacked its blank line."""
-        return self.feed(b"\n\n", stats) if self._rest or self._data else ""
-
-    def _dispatch(self, pieces: list[str], stats: StreamStats) -> None:
-        payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
-        self._data.clear()
-        if payload == b"[DONE]":
-            self.done = True
-            return
-        try:
-            event = orjson.loads(payload)
-            if not isinstance(event, dict):
-                return
-            if (error := event.get("error")) is not None:
-                self.error = _stream_error(error)
-                return
-            if choices := event.get("choices"):
-                choice = choices[0]
-                if (delta := choice.get("delta")) and isinstance(content := delta.get("content"), str) and content:
-                    pieces.append(content)
-                if reason := choice.get("finish_reason"):
-                    stats.finish_reason = str(reason)
-            # Advisory: a server that leaves it out, or sends something odd, must not fail the answer. (Every chunk
-            # has `"usage": null` but the last: the truth test first keeps them at their old cost.)
-            if (usage := event.get("usage")) and isinstance(usage, dict):
-                stats.prompt_tokens = usage.get("prompt_tokens")
-                stats.completion_tokens = usage.get("completion_tokens")
-        except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError):
-            self.error = LLMUnavailable("the model provider sent an unreadable stream", retryable=True)
-
-
 def _first_token_timeout(s: Settings) -> LLMUnavailable:
     return LLMUnavailable(
         f"the model did not start answering within {s.llm_first_token_timeout_s:g} s (first token timeout)",
         retryable=True,
     )
-
-
-def _status_error(e: openai.APIStatusError, api_key: str | None) -> LLMError:
-    status = e.status_code
-    retry_after = _retry_after(e.response.headers)
-    if status == 429:
-        if "insufficient_quota" in (e.code, e.type):
-            # Quota does not come back within a retry budget: fail at once.
-            return LLMRateLimited("the model provider's quota is used up")
-        return LLMRateLimited("the model provider is rate limiting requests", retry_after=retry_after, retryable=True)
-    if status >= 500 or status in (408, 409):
-        return LLMUnavailable(f"the model provider failed ({status})", retry_after=retry_after, retryable=True)
-    detail = _provider_message(e.body, api_key)
-    return LLMError(f"the provider rejected the request ({status})" + (f": {detail}" if detail else ""))
-
-
-def _stream_error(error: Any) -> LLMError:
-    """An `{"error": {...}}` event sent in place of the next chunk."""
-    info: Mapping[str, Any] = error if isinstance(error, dict) else {"message": str(error)}
-    kinds = {str(info.get("code")), str(info.get("type"))}
-    if "insufficient_quota" in kinds:
-        return LLMRateLimited("the model provider's quota is used up")
-    if kinds & {"rate_limit_exceeded", "rate_limit_error", "requests", "tokens", "429"}:
-        return LLMRateLimited("the model provider is rate limiting requests", retryable=True)
-    if kinds & {"server_error", "overloaded", "overloaded_error", "internal_error", "500", "503"}:
-        return LLMUnavailable("the model provider failed mid-answer", retryable=True)
-    detail = _provider_message(info, None)
-    return LLMError("the model provider reported an error" + (f": {detail}" if detail else ""))
-
-
-def _provider_message(body: object, api_key: str | None) -> str:
-    """The provider's own explanation, made safe to show: secrets redacted, length bounded."""
-    message = body.get("message") if isinstance(body, dict) else None
-    if not isinstance(message, str):
-        return ""
-    if api_key:
-        message = message.replace(api_key, "***")
-    message = _SECRET_RE.sub(r"\1-***", " ".join(message.split()))
-    if len(message) > _MAX_PROVIDER_MESSAGE:
-        message = message[: _MAX_PROVIDER_MESSAGE - 1] + "…"
-    return message
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds the provider asks us to wait, from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
-    seconds: float | None = None
-    with suppress(ValueError, TypeError):
-        if ms := headers.get("retry-after-ms"):
-            seconds = float(ms) / 1000
-        elif value := headers.get("retry-after"):
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = parsedate_to_datetime(value).timestamp() - time.time()
-    if seconds is None or not math.isfinite(seconds):
-        return None
-    return max(seconds, 0.0)
