@@ -16,32 +16,32 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _pct(values: list[float], p: float) -> float:
+def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def _proc_cpu_s(pid: int) -> float:
+def proc_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_rss_kib(pid: int) -> int:
+def proc_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
 
 
-async def _wait_http(url: str, within_s: float = 30) -> None:
+async def wait_http(url: str, within_s: float = 30) -> None:
     deadline = time.monotonic() + within_s
     async with aiohttp.ClientSession() as http:
         while True:
@@ -80,7 +80,7 @@ class Stack:
 
 async def start_stack(database_url: str, redis_url: str) -> Stack:
     python = sys.executable
-    up_port, server_port = _free_port(), _free_port()
+    up_port, server_port = free_port(), free_port()
     upstream = await asyncio.create_subprocess_exec(
         python, "-m", "bench.upstream", "--port", str(up_port), cwd=REPO, stderr=asyncio.subprocess.DEVNULL
     )
@@ -100,8 +100,8 @@ async def start_stack(database_url: str, redis_url: str) -> Stack:
     }
     server = await asyncio.create_subprocess_exec(python, "-m", "server", env=env, cwd=REPO)
     stack = Stack(server, upstream, f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{up_port}", database_url)
-    await _wait_http(f"{stack.upstream_url}/timings")
-    await _wait_http(f"{stack.server_url}/healthz")
+    await wait_http(f"{stack.upstream_url}/timings")
+    await wait_http(f"{stack.server_url}/healthz")
     return stack
 
 
@@ -125,14 +125,14 @@ class Turn:
     tokens: int = 0
 
 
-async def _open(stack: Stack, session_id: str) -> aiohttp.ClientWebSocketResponse:
+async def open_session(stack: Stack, session_id: str) -> aiohttp.ClientWebSocketResponse:
     ws = await stack.http.ws_connect(f"{stack.server_url}/ws/session/{session_id}", max_msg_size=0)
     ready = orjson.loads((await ws.receive()).data)
     assert ready["type"] == "session.ready", ready
     return ws
 
 
-async def _converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn) -> None:
+async def converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn) -> None:
     turn.sent = time.time()
     await ws.send_str(orjson.dumps({"type": "message", "text": marker, "client_msg_id": marker}).decode())
     while turn.done is None or turn.stored is None:
@@ -151,5 +151,5 @@ async def _converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn
             turn.stored = time.time()
 
 
-def _ms(seconds: float) -> str:
+def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"

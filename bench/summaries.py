@@ -31,7 +31,7 @@ import asyncpg
 from arq.jobs import deserialize_result
 from redis.asyncio import Redis
 
-from .stack import REPO, Stack, Turn, _converse, _ms, _open, _pct, _proc_cpu_s, start_stack, stop_stack
+from .stack import REPO, Stack, Turn, converse, fmt_ms, open_session, pct, proc_cpu_s, start_stack, stop_stack
 
 _POLL_S = 0.02
 _WAIT_S = 120.0
@@ -158,10 +158,10 @@ async def summaries(
     return {
         "sessions": sessions,
         "rounds": len(rounds),
-        "added_p50": _pct(added, 50),
-        "added_p99": _pct(added, 99),
-        "enqueued_p50": _pct([x for r in rounds for x in r.enqueued], 50),
-        "started_p50": _pct([x for r in rounds for x in r.started], 50),
+        "added_p50": pct(added, 50),
+        "added_p99": pct(added, 99),
+        "enqueued_p50": pct([x for r in rounds for x in r.enqueued], 50),
+        "started_p50": pct([x for r in rounds for x in r.started], 50),
         # One job has no rate: its span is its own duration.
         "jobs_per_s": jobs / span if sessions > 1 and span > 0 else float("nan"),
         # /proc counts CPU in clock ticks (10 ms, usually): fewer than ten of them tell nothing.
@@ -183,8 +183,8 @@ async def _round(stack: Stack, worker: Worker, *, sessions: int, label: str) -> 
     """`sessions` sessions each exchange one message and close at the same instant; until every summary is stored
     and every job has finished."""
     ids = [f"{label}-{i}" for i in range(sessions)]
-    sockets = await asyncio.gather(*(_open(stack, sid) for sid in ids))
-    await asyncio.gather(*(_converse(ws, f"<{sid}>", Turn()) for ws, sid in zip(sockets, ids, strict=True)))
+    sockets = await asyncio.gather(*(open_session(stack, sid) for sid in ids))
+    await asyncio.gather(*(converse(ws, f"<{sid}>", Turn()) for ws, sid in zip(sockets, ids, strict=True)))
 
     closed_at: dict[str, float] = {}
 
@@ -195,7 +195,7 @@ async def _round(stack: Stack, worker: Worker, *, sessions: int, label: str) -> 
     conn = await asyncpg.connect(stack.database_url)
     try:
         offset = await _db_clock_offset(conn)
-        cpu0 = _proc_cpu_s(worker.pid)
+        cpu0 = proc_cpu_s(worker.pid)
         await asyncio.gather(*(close(ws, sid) for ws, sid in zip(sockets, ids, strict=True)))
         try:
             async with asyncio.timeout(_WAIT_S):
@@ -211,7 +211,7 @@ async def _round(stack: Stack, worker: Worker, *, sessions: int, label: str) -> 
                 f"{label}: not every summary was stored within {_WAIT_S:g} s; the worker's log ends:\n"
                 + worker.log_tail()
             ) from None
-        cpu = _proc_cpu_s(worker.pid) - cpu0
+        cpu = proc_cpu_s(worker.pid) - cpu0
         rows = await conn.fetch(
             "select session_id, extract(epoch from summary_updated_at)::float8 as stored from sessions"
             " where session_id = any($1)",
@@ -330,10 +330,11 @@ async def summary_runs(stack: Stack, redis_url: str, args: argparse.Namespace) -
                     min_sessions=args.summary_min_sessions,
                 )
                 rate = "-" if math.isnan(r["jobs_per_s"]) else f"{r['jobs_per_s']:,.1f}"
-                cpu = "-" if math.isnan(r["cpu_s_per_job"]) else _ms(r["cpu_s_per_job"])
+                cpu = "-" if math.isnan(r["cpu_s_per_job"]) else fmt_ms(r["cpu_s_per_job"])
                 print(
-                    f"{level:>9} {_ms(r['added_p50']):>12} {_ms(r['added_p99']):>12} {_ms(r['enqueued_p50']):>13}"
-                    f" {_ms(r['started_p50']):>12} {rate:>8} {cpu:>10} {model_s:>6g}s"
+                    f"{level:>9} {fmt_ms(r['added_p50']):>12} {fmt_ms(r['added_p99']):>12}"
+                    f" {fmt_ms(r['enqueued_p50']):>13} {fmt_ms(r['started_p50']):>12}"
+                    f" {rate:>8} {cpu:>10} {model_s:>6g}s"
                 )
     finally:
         await stop_worker(worker)
