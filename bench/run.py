@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import resource
 import sys
 import time
 from typing import Any
@@ -19,7 +17,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from .stack import Stack, Turn, converse, fmt_ms, open_session, pct, proc_cpu_s, proc_rss_kib, start_stack, stop_stack
+from .stack import Stack, Turn, converse, fmt_ms, open_session, pct, proc_cpu_s, proc_rss_kib, running_stack
 from .summaries import add_summary_options, summary_runs
 
 # The floor: nothing between the client and the upstream.
@@ -145,8 +143,7 @@ async def idle(stack: Stack, *, connections: int) -> dict[str, Any]:
     return {"connections": connections, "kib_per_connection": (rss1 - rss0) / connections, "held": pongs == len(sample)}
 
 
-async def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench")
+def add_relay_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", default="1,100,1000", help="concurrency levels for the latency runs")
     parser.add_argument("--tokens", type=int, default=50, help="tokens per answer in the latency runs")
     parser.add_argument("--gap-ms", type=float, default=20, help="upstream pace between tokens")
@@ -157,18 +154,16 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--throughput-sessions", type=int, default=200)
     parser.add_argument("--throughput-tokens", type=int, default=500)
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections for the memory run")
+
+
+async def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    add_relay_options(parser)
     add_summary_options(parser)
     args = parser.parse_args(argv)
-    database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
-    redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    stack = await start_stack(database_url, redis_url)
-    try:
-        print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, server pid {stack.server.pid}")
+    async with running_stack() as stack:
         # First, while the worker is the only extra load: it is stopped before the relay is measured.
-        await summary_runs(stack, redis_url, args)
+        await summary_runs(stack, args)
 
         await stack.pace(tokens=args.tokens, ttft_s=args.ttft_ms / 1000, gap_s=args.gap_ms / 1000)
         base = await floor(stack, streams=1)
@@ -216,8 +211,6 @@ async def main(argv: list[str]) -> int:
                 f"\nidle connections: {m['connections']:,} open, {m['kib_per_connection']:.1f} KiB each,"
                 f" {'all held' if m['held'] else 'NOT all held'}"
             )
-    finally:
-        await stop_stack(stack)
     return 0
 
 
