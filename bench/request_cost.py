@@ -18,7 +18,7 @@ import openai
 from core.llm import ChatMessage, OpenAILLM, StreamStats
 from core.settings import Settings
 
-from .stack import REPO, _free_port, _wait_http
+from .stack import free_port, start_upstream
 
 
 async def main(argv: list[str]) -> None:
@@ -28,12 +28,9 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("--streams", type=int, default=10, help="concurrent long answers")
     parser.add_argument("--tokens", type=int, default=2000, help="tokens in each long answer")
     args = parser.parse_args(argv)
-    port = _free_port()
-    upstream = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.upstream", "--port", str(port), cwd=REPO, stderr=asyncio.subprocess.DEVNULL
-    )
+    port = free_port()
+    upstream = await start_upstream(port)
     try:
-        await _wait_http(f"http://127.0.0.1:{port}/timings")
         settings = Settings(openai_base_url=f"http://127.0.0.1:{port}/v1", openai_api_key="bench")
         llm = OpenAILLM(settings)
         if args.httpx2:

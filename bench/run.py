@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import resource
 import sys
 import time
 from typing import Any
@@ -19,7 +17,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from .stack import Stack, Turn, _converse, _ms, _open, _pct, _proc_cpu_s, _proc_rss_kib, start_stack, stop_stack
+from .stack import Stack, Turn, converse, fmt_ms, open_session, pct, proc_cpu_s, proc_rss_kib, running_stack
 from .summaries import add_summary_options, summary_runs
 
 # The floor: nothing between the client and the upstream.
@@ -52,8 +50,8 @@ async def floor(stack: Stack, *, streams: int) -> dict[str, float]:
     overhead = [t - o for t, o in zip(sorted(ttfts), sorted(own), strict=False)]
     return {
         "tokens_per_s": tokens / elapsed,
-        "ttft_overhead_p50": _pct(overhead, 50),
-        "ttft_overhead_p99": _pct(overhead, 99),
+        "ttft_overhead_p50": pct(overhead, 50),
+        "ttft_overhead_p99": pct(overhead, 99),
     }
 
 
@@ -63,19 +61,19 @@ async def floor(stack: Stack, *, streams: int) -> dict[str, float]:
 async def relay(stack: Stack, *, sessions: int, label: str, spread_s: float = 0.0) -> dict[str, Any]:
     """Each of `sessions` concurrent sessions sends one message and reads the whole answer; with `spread_s`, the
     messages arrive at random times over that many seconds (while the others stream) instead of all at once."""
-    sockets = await asyncio.gather(*(_open(stack, f"{label}-{i}") for i in range(sessions)))
+    sockets = await asyncio.gather(*(open_session(stack, f"{label}-{i}") for i in range(sessions)))
     turns = [Turn() for _ in range(sessions)]
     rng = random.Random(sessions)
 
     async def later(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn) -> None:
         await asyncio.sleep(rng.uniform(0, spread_s))
-        await _converse(ws, marker, turn)
+        await converse(ws, marker, turn)
 
-    cpu0 = _proc_cpu_s(stack.server.pid)
+    cpu0 = proc_cpu_s(stack.server.pid)
     started = time.perf_counter()
     await asyncio.gather(*(later(ws, f"{label}-{i}", t) for i, (ws, t) in enumerate(zip(sockets, turns, strict=True))))
     elapsed = time.perf_counter() - started
-    cpu = _proc_cpu_s(stack.server.pid) - cpu0
+    cpu = proc_cpu_s(stack.server.pid) - cpu0
     await asyncio.gather(*(ws.close() for ws in sockets))
 
     upstream = await stack.upstream_timings()
@@ -96,12 +94,12 @@ async def relay(stack: Stack, *, sessions: int, label: str, spread_s: float = 0.
     tokens = sum(t.tokens for t in turns)
     return {
         "sessions": sessions,
-        "server_added_p50": _pct(server_added, 50),
-        "server_added_p99": _pct(server_added, 99),
-        "client_added_p50": _pct(client_added, 50),
-        "client_added_p99": _pct(client_added, 99),
-        "stored_lag_p50": _pct(lags, 50),
-        "stored_lag_p99": _pct(lags, 99),
+        "server_added_p50": pct(server_added, 50),
+        "server_added_p99": pct(server_added, 99),
+        "client_added_p50": pct(client_added, 50),
+        "client_added_p99": pct(client_added, 99),
+        "stored_lag_p50": pct(lags, 50),
+        "stored_lag_p99": pct(lags, 99),
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed,
         "cpu_us_per_token": cpu / max(tokens, 1) * 1e6,
@@ -125,13 +123,13 @@ async def _server_timings(stack: Stack, label: str) -> dict[str, tuple[float, fl
 
 async def idle(stack: Stack, *, connections: int) -> dict[str, Any]:
     """Open `connections` sessions and leave them idle; what does each cost the server, and does it hold them?"""
-    rss0 = _proc_rss_kib(stack.server.pid)
+    rss0 = proc_rss_kib(stack.server.pid)
     sockets: list[aiohttp.ClientWebSocketResponse] = []
     for start in range(0, connections, 200):
         batch = range(start, min(connections, start + 200))
-        sockets += await asyncio.gather(*(_open(stack, f"idle-{i}") for i in batch))
+        sockets += await asyncio.gather(*(open_session(stack, f"idle-{i}") for i in batch))
     await asyncio.sleep(1)
-    rss1 = _proc_rss_kib(stack.server.pid)
+    rss1 = proc_rss_kib(stack.server.pid)
     # Held: a ping on a sample of the sockets still gets its pong.
     sample = sockets[:: max(1, len(sockets) // 50)]
     for ws in sample:
@@ -145,8 +143,7 @@ async def idle(stack: Stack, *, connections: int) -> dict[str, Any]:
     return {"connections": connections, "kib_per_connection": (rss1 - rss0) / connections, "held": pongs == len(sample)}
 
 
-async def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench")
+def add_relay_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", default="1,100,1000", help="concurrency levels for the latency runs")
     parser.add_argument("--tokens", type=int, default=50, help="tokens per answer in the latency runs")
     parser.add_argument("--gap-ms", type=float, default=20, help="upstream pace between tokens")
@@ -157,22 +154,20 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--throughput-sessions", type=int, default=200)
     parser.add_argument("--throughput-tokens", type=int, default=500)
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections for the memory run")
+
+
+async def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    add_relay_options(parser)
     add_summary_options(parser)
     args = parser.parse_args(argv)
-    database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
-    redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    stack = await start_stack(database_url, redis_url)
-    try:
-        print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, server pid {stack.server.pid}")
+    async with running_stack() as stack:
         # First, while the worker is the only extra load: it is stopped before the relay is measured.
-        await summary_runs(stack, redis_url, args)
+        await summary_runs(stack, args)
 
         await stack.pace(tokens=args.tokens, ttft_s=args.ttft_ms / 1000, gap_s=args.gap_ms / 1000)
         base = await floor(stack, streams=1)
-        print(f"\nfloor (direct to upstream): time-to-first-token overhead p50 {_ms(base['ttft_overhead_p50'])}")
+        print(f"\nfloor (direct to upstream): time-to-first-token overhead p50 {fmt_ms(base['ttft_overhead_p50'])}")
         print("\nadded latency (first delta out minus the upstream's own time to first token);")
         print("'100~2s': 100 sessions whose messages arrive spread over 2 s while the others stream")
         print(
@@ -186,9 +181,9 @@ async def main(argv: list[str]) -> int:
             r = await relay(stack, sessions=level, label=f"lat{run_no}x{level}", spread_s=spread)
             name = f"{level}" if not spread else f"{level}~{spread:g}s"
             print(
-                f"{name:>9} {_ms(r['server_added_p50']):>12} {_ms(r['server_added_p99']):>12}"
-                f" {_ms(r['client_added_p50']):>12} {_ms(r['client_added_p99']):>12}"
-                f" {_ms(r['stored_lag_p50']):>12} {_ms(r['stored_lag_p99']):>12}"
+                f"{name:>9} {fmt_ms(r['server_added_p50']):>12} {fmt_ms(r['server_added_p99']):>12}"
+                f" {fmt_ms(r['client_added_p50']):>12} {fmt_ms(r['client_added_p99']):>12}"
+                f" {fmt_ms(r['stored_lag_p50']):>12} {fmt_ms(r['stored_lag_p99']):>12}"
             )
 
         await stack.pace(tokens=args.throughput_tokens, ttft_s=0, gap_s=0)
@@ -206,8 +201,8 @@ async def main(argv: list[str]) -> int:
             f"  -> ratio {r['tokens_per_s'] / direct['tokens_per_s']:.2f}"
         )
         print(
-            f"  store: {r['events_per_s']:,.0f} events/s, message-to-stored lag p50 {_ms(r['stored_lag_p50'])},"
-            f" p99 {_ms(r['stored_lag_p99'])}"
+            f"  store: {r['events_per_s']:,.0f} events/s, message-to-stored lag p50 {fmt_ms(r['stored_lag_p50'])},"
+            f" p99 {fmt_ms(r['stored_lag_p99'])}"
         )
 
         if args.idle:
@@ -216,8 +211,6 @@ async def main(argv: list[str]) -> int:
                 f"\nidle connections: {m['connections']:,} open, {m['kib_per_connection']:.1f} KiB each,"
                 f" {'all held' if m['held'] else 'NOT all held'}"
             )
-    finally:
-        await stop_stack(stack)
     return 0
 
 

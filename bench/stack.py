@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,32 +19,32 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _pct(values: list[float], p: float) -> float:
+def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def _proc_cpu_s(pid: int) -> float:
+def proc_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_rss_kib(pid: int) -> int:
+def proc_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
 
 
-async def _wait_http(url: str, within_s: float = 30) -> None:
+async def wait_http(url: str, within_s: float = 30) -> None:
     deadline = time.monotonic() + within_s
     async with aiohttp.ClientSession() as http:
         while True:
@@ -65,6 +68,7 @@ class Stack:
     server_url: str
     upstream_url: str
     database_url: str
+    redis_url: str
     http: aiohttp.ClientSession = field(
         default_factory=lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     )
@@ -78,12 +82,23 @@ class Stack:
             return orjson.loads(await resp.read())  # type: ignore[no-any-return]
 
 
-async def start_stack(database_url: str, redis_url: str) -> Stack:
-    python = sys.executable
-    up_port, server_port = _free_port(), _free_port()
+async def start_upstream(port: int) -> asyncio.subprocess.Process:
+    """bench/upstream.py in a process of its own, listening on `port`; returns once it answers."""
     upstream = await asyncio.create_subprocess_exec(
-        python, "-m", "bench.upstream", "--port", str(up_port), cwd=REPO, stderr=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "bench.upstream", "--port", str(port), cwd=REPO, stderr=asyncio.subprocess.DEVNULL
     )
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/timings")
+    except BaseException:
+        upstream.terminate()
+        await upstream.wait()
+        raise
+    return upstream
+
+
+async def start_stack(database_url: str, redis_url: str) -> Stack:
+    up_port, server_port = free_port(), free_port()
+    upstream = await start_upstream(up_port)
     env = {
         "PATH": os.environ["PATH"],
         "PYTHONPATH": str(REPO),
@@ -98,10 +113,15 @@ async def start_stack(database_url: str, redis_url: str) -> Stack:
         # Summary jobs at once, as the summaries part measures (a value in .env must not defer them).
         "SUMMARY_DELAY_S": "0",
     }
-    server = await asyncio.create_subprocess_exec(python, "-m", "server", env=env, cwd=REPO)
-    stack = Stack(server, upstream, f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{up_port}", database_url)
-    await _wait_http(f"{stack.upstream_url}/timings")
-    await _wait_http(f"{stack.server_url}/healthz")
+    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "server", env=env, cwd=REPO)
+    stack = Stack(
+        server, upstream, f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{up_port}", database_url, redis_url
+    )
+    try:
+        await wait_http(f"{stack.server_url}/healthz")
+    except BaseException:
+        await stop_stack(stack)
+        raise
     return stack
 
 
@@ -111,6 +131,22 @@ async def stop_stack(stack: Stack) -> None:
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
+
+
+@asynccontextmanager
+async def running_stack() -> AsyncIterator[Stack]:
+    """The stack on the environment's database and Redis (DATABASE_URL and REDIS_URL, else their TEST_ forms), the
+    machine it runs on printed first; the open-file limit is raised for the thousands of sockets a run opens."""
+    database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
+    redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    stack = await start_stack(database_url, redis_url)
+    try:
+        print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, server pid {stack.server.pid}")
+        yield stack
+    finally:
+        await stop_stack(stack)
 
 
 # One turn of a conversation through the server.
@@ -125,14 +161,14 @@ class Turn:
     tokens: int = 0
 
 
-async def _open(stack: Stack, session_id: str) -> aiohttp.ClientWebSocketResponse:
+async def open_session(stack: Stack, session_id: str) -> aiohttp.ClientWebSocketResponse:
     ws = await stack.http.ws_connect(f"{stack.server_url}/ws/session/{session_id}", max_msg_size=0)
     ready = orjson.loads((await ws.receive()).data)
     assert ready["type"] == "session.ready", ready
     return ws
 
 
-async def _converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn) -> None:
+async def converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn) -> None:
     turn.sent = time.time()
     await ws.send_str(orjson.dumps({"type": "message", "text": marker, "client_msg_id": marker}).decode())
     while turn.done is None or turn.stored is None:
@@ -151,5 +187,5 @@ async def _converse(ws: aiohttp.ClientWebSocketResponse, marker: str, turn: Turn
             turn.stored = time.time()
 
 
-def _ms(seconds: float) -> str:
+def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
