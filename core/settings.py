@@ -105,7 +105,6 @@ class Settings(BaseSettings):
     system_prompt: str = "You are a helpful assistant in a realtime chat. Answer clearly and concisely."
     fallback_text: str = "Sorry, I can't answer right now. Please try again in a moment."
     context_max_chars: PositiveInt = 48_000
-    context_max_tokens: PositiveInt = 16_000
     llm_connect_timeout_s: PositiveFloat = 5.0
     llm_first_token_timeout_s: PositiveFloat = 30.0
     llm_token_gap_timeout_s: PositiveFloat = 20.0
@@ -170,8 +169,8 @@ class Settings(BaseSettings):
     max_send_buffer_bytes: PositiveInt = 4 * 1024 * 1024
     shutdown_drain_s: NonNegativeFloat = 20.0
     shutdown_flush_s: PositiveFloat = 10.0
-    # What a turn's answer does when its socket goes away: finish and be stored, or stop there.
-    on_disconnect: Annotated[Literal["continue", "cancel"], _text(str.lower)] = "cancel"
+    # What a socket that goes away mid-answer does to the answer: nothing (protocol 1.1), or cancel it (1.0).
+    on_disconnect: Annotated[Literal["continue", "cancel"], _text(str.lower)] = "continue"
 
     # Protocol limits.
     max_message_bytes: PositiveInt = 16 * 1024
@@ -183,6 +182,7 @@ class Settings(BaseSettings):
     idle_timeout_s: NonNegativeFloat = 600.0
     max_connections: PositiveInt = 10_000
     max_connections_per_user: PositiveInt = 20
+    max_watchers: PositiveInt = 32
     history_limit: PositiveInt = 1000
 
     def __init__(self, **values: Any) -> None:

@@ -1,4 +1,4 @@
-"""The wire protocol (version 1): parsing client frames and building every server event, in one place."""
+"""The wire protocol (version 1.1): parsing client frames and building every server event, in one place."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ MESSAGE_TOO_LONG: Final = "message_too_long"
 UNSUPPORTED_FRAME: Final = "unsupported_frame"
 RATE_LIMITED: Final = "rate_limited"
 BUSY: Final = "busy"
+READ_ONLY: Final = "read_only"
+SHUTTING_DOWN: Final = "shutting_down"
 
 # Close codes beyond the standard ones aiohttp names.
 CLOSE_REPLACED: Final = 4000
@@ -32,6 +34,11 @@ CLOSE_IDLE: Final = 4001
 COMPLETED: Final = "completed"
 CANCELLED: Final = "cancelled"
 FAILED: Final = "failed"
+INTERRUPTED: Final = "interrupted"
+
+# Connection modes (query `mode=`).
+WRITE: Final = "write"
+WATCH: Final = "watch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,16 +121,37 @@ def _iso(ts: datetime) -> str:
     return ts.isoformat()
 
 
+def parse_resume(raw: str | None) -> tuple[str, int] | None:
+    """`resume=<response_id>:<seq>`; raises ValueError when it is not that shape."""
+    if raw is None or raw == "":
+        return None
+    response_id, sep, seq = raw.rpartition(":")
+    if not sep or not response_id or not seq.isascii() or not seq.isdigit() or len(seq) > 12:
+        raise ValueError(raw)
+    return response_id, int(seq)
+
+
 def history_item(event: StoredEvent) -> dict[str, Any]:
-    return {
+    item = {
         "id": event.id,
         "role": "assistant" if event.event_type == AI_MESSAGE else "user",
         "text": event.content or "",
         "created_at": _iso(event.created_at),
     }
+    if event.event_type == AI_MESSAGE:
+        item["status"] = event.metadata.get("status") or COMPLETED
+    return item
 
 
-def session_ready(session_id: str, *, resumed: bool, model: str, history: Iterable[StoredEvent]) -> bytes:
+def session_ready(
+    session_id: str,
+    *,
+    resumed: bool,
+    model: str,
+    history: Iterable[StoredEvent],
+    active_response: dict[str, Any] | None = None,
+    mode: str = WRITE,
+) -> bytes:
     return _dumps(
         {
             "type": "session.ready",
@@ -131,17 +159,21 @@ def session_ready(session_id: str, *, resumed: bool, model: str, history: Iterab
             "resumed": resumed,
             "model": model,
             "history": [history_item(e) for e in history],
+            "active_response": active_response,
+            "mode": mode,
         }
     )
 
 
-def response_started(response_id: str, client_msg_id: str | None) -> bytes:
-    return _dumps({"type": "response.started", "response_id": response_id, "client_msg_id": client_msg_id})
+def response_started(response_id: str, client_msg_id: str | None, *, resumed: bool = False) -> bytes:
+    return _dumps(
+        {"type": "response.started", "response_id": response_id, "client_msg_id": client_msg_id, "resumed": resumed}
+    )
 
 
-def response_delta(response_id: str, delta: str) -> bytes:
+def response_delta(response_id: str, delta: str, seq: int) -> bytes:
     # The hot path: one small dict and one orjson call per piece of text.
-    return orjson.dumps({"type": "response.delta", "response_id": response_id, "delta": delta})
+    return orjson.dumps({"type": "response.delta", "response_id": response_id, "delta": delta, "seq": seq})
 
 
 def response_done(response_id: str, *, status: str, text: str, error_code: str | None, error_message: str) -> bytes:
@@ -149,12 +181,23 @@ def response_done(response_id: str, *, status: str, text: str, error_code: str |
     return _dumps({"type": "response.done", "response_id": response_id, "status": status, "text": text, "error": error})
 
 
-def user_message_stored(event_id: int, client_msg_id: str | None) -> bytes:
-    return _dumps({"type": "message.stored", "id": event_id, "role": "user", "client_msg_id": client_msg_id})
+def user_message_stored(event_id: int, client_msg_id: str | None, text: str) -> bytes:
+    return _dumps(
+        {"type": "message.stored", "id": event_id, "role": "user", "client_msg_id": client_msg_id, "text": text}
+    )
 
 
-def answer_stored(event_id: int, response_id: str) -> bytes:
-    return _dumps({"type": "message.stored", "id": event_id, "role": "assistant", "response_id": response_id})
+def answer_stored(event_id: int, response_id: str, *, text: str, status: str) -> bytes:
+    return _dumps(
+        {
+            "type": "message.stored",
+            "id": event_id,
+            "role": "assistant",
+            "response_id": response_id,
+            "text": text,
+            "status": status,
+        }
+    )
 
 
 def error(code: str, message: str) -> bytes:

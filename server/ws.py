@@ -1,24 +1,42 @@
-"""The WebSocket route: checks the request, attaches it to its session, and hands the socket to a Connection."""
+"""The WebSocket route: checks the request, attaches it to its session (to write, or to watch), and hands the socket
+to a Connection."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import WSCloseCode, hdrs, web
 
 from core.errors import Forbidden, StoreError
+from core.store import MESSAGE_TYPES
 
 from . import protocol
-from .auth import AuthError, origin_allowed, token_from
-from .keys import ADMISSION, ATTACHER, AUTH, LIFECYCLE, LLM_CLIENT, METRICS, REGISTRY, SETTINGS, SOCKETS, USER_RATE
+from .auth import AuthError, Identity, origin_allowed, token_from
+from .keys import (
+    ADMISSION,
+    ATTACHER,
+    AUTH,
+    LIFECYCLE,
+    LLM_CLIENT,
+    METRICS,
+    REGISTRY,
+    SETTINGS,
+    SOCKETS,
+    STORE,
+    USER_RATE,
+)
 from .live.admission import SERVER_BUSY
 from .live.connection import Connection
 from .live.outbox import Outbox
+from .live.session import Session
 from .responses import json_error
 
 log = logging.getLogger(__name__)
+
+_STORE_DOWN = "the database is not answering; try again shortly"
 
 
 def _cursor(request: web.Request) -> int | None:
@@ -37,11 +55,18 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
     after = _cursor(request)
     if after is None:
         return json_error(400, "invalid_cursor", "after must be a non-negative integer event id")
+    try:
+        resume = protocol.parse_resume(request.query.get("resume"))
+    except ValueError:
+        return json_error(400, "invalid_resume", "resume must be <response_id>:<seq>, seq a non-negative integer")
+    mode = request.query.get("mode") or protocol.WRITE
+    if mode not in (protocol.WRITE, protocol.WATCH):
+        return json_error(400, "invalid_mode", "mode must be write or watch")
     if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
         return json_error(426, "upgrade_required", "this route speaks WebSocket only")
 
     app = request.app
-    settings, metrics, auth, admission = app[SETTINGS], app[METRICS], app[AUTH], app[ADMISSION]
+    settings, auth, admission = app[SETTINGS], app[AUTH], app[ADMISSION]
     if not origin_allowed(request, settings):
         return json_error(403, "origin_not_allowed", "pages from this origin may not connect")
     identity = None
@@ -56,10 +81,22 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
         return json_error(503, refusal, "this server holds as many connections as it may; try another or retry later")
     if refusal is not None:
         return json_error(429, refusal, "you have too many connections open; close one first")
+    serve = _watch if mode == protocol.WATCH else _write
+    return await serve(request, session_id, identity, after=after, resume=resume)
 
-    registry = app[REGISTRY]
+
+async def _write(
+    request: web.Request, session_id: str, identity: Identity | None, *, after: int, resume: tuple[str, int] | None
+) -> web.StreamResponse:
+    app = request.app
+    registry, user_id = app[REGISTRY], None if identity is None else identity.user_id
     session = registry.checkout(session_id)
-    attached = False
+
+    def let_go() -> None:
+        registry.checkin(session)
+        app[ADMISSION].leave(user_id)
+
+    serving = False
     try:
         async with session.lock:
             try:
@@ -70,55 +107,130 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
                 log.warning(
                     "store unavailable at connect", extra={"fields": {"session_id": session_id, "error": str(e)}}
                 )
-                return json_error(503, "store_unavailable", "the database is not answering; try again shortly")
-            ws = web.WebSocketResponse(max_msg_size=settings.max_frame_bytes, heartbeat=settings.ws_heartbeat_s)
-            await ws.prepare(request)
-            outbox = Outbox(
-                ws,
-                request.transport,
-                timeout_s=settings.send_timeout_s,
-                max_buffer_bytes=settings.max_send_buffer_bytes,
-            )
-            conn = Connection(
-                session,
-                ws,
-                outbox,
-                settings=settings,
-                metrics=metrics,
-                user_id=user_id,
-                user_rate=app[USER_RATE],
-            )
+                return json_error(503, "store_unavailable", _STORE_DOWN)
+            ws, conn = await _accept(request, session, identity, watch=False)
             session.attach(conn)
-            attached = True
+        resumed = not opened.created
+        app[METRICS].sessions_started.labels(str(resumed).lower()).inc()
+        log.info("connected", extra={"fields": {"session_id": session_id, "resumed": resumed}})
+        serving = True
+        await _serve(
+            request, ws, conn, history, after=after, resume=resume, resumed=resumed, identity=identity, on_closed=let_go
+        )
+        return ws
     finally:
-        if not attached:
-            registry.checkin(session)
-            admission.leave(user_id)
+        if not serving:
+            let_go()
 
-    resumed = not opened.created
+
+async def _watch(
+    request: web.Request, session_id: str, identity: Identity | None, *, after: int, resume: tuple[str, int] | None
+) -> web.StreamResponse:
+    """A read-only connection: the session's history, then everything it does live; it creates nothing."""
+    app = request.app
+    store, settings = app[STORE], app[SETTINGS]
+    try:
+        async with asyncio.timeout(settings.store_connect_timeout_s):
+            record = await store.get_session(session_id)
+            history = (
+                []
+                if record is None
+                else await store.events(session_id, types=MESSAGE_TYPES, limit=settings.history_limit)
+            )
+    except (StoreError, TimeoutError):
+        app[ADMISSION].leave(None if identity is None else identity.user_id)
+        return json_error(503, "store_unavailable", _STORE_DOWN)
+    user_id = None if identity is None else identity.user_id
+    if record is None or (identity is not None and record.owner_id != user_id):
+        app[ADMISSION].leave(user_id)
+        # Someone else's session is answered as unknown, as on the API.
+        return json_error(404, "session_not_found", f"no session {session_id!r}")
+    registry = app[REGISTRY]
+    session = registry.watch(session_id, limit=settings.max_watchers)
+    if session is None:
+        app[ADMISSION].leave(user_id)
+        return json_error(429, "too_many_watchers", f"this session has {settings.max_watchers} watchers already")
+    watched = session
+
+    def let_go() -> None:
+        registry.unwatch(watched)
+        app[ADMISSION].leave(user_id)
+
+    serving = False
+    try:
+        ws, conn = await _accept(request, session, identity, watch=True)
+        serving = True
+        await _serve(
+            request, ws, conn, history, after=after, resume=resume, resumed=True, identity=identity, on_closed=let_go
+        )
+        return ws
+    finally:
+        if not serving:
+            let_go()
+
+
+async def _accept(
+    request: web.Request, session: Session, identity: Identity | None, *, watch: bool
+) -> tuple[web.WebSocketResponse, Connection]:
+    """Complete the upgrade and make the socket's Connection."""
+    app, settings = request.app, request.app[SETTINGS]
+    ws = web.WebSocketResponse(max_msg_size=settings.max_frame_bytes, heartbeat=settings.ws_heartbeat_s)
+    await ws.prepare(request)
+    outbox = Outbox(
+        ws, request.transport, timeout_s=settings.send_timeout_s, max_buffer_bytes=settings.max_send_buffer_bytes
+    )
+    conn = Connection(
+        session,
+        ws,
+        outbox,
+        settings=settings,
+        metrics=app[METRICS],
+        user_id=None if identity is None else identity.user_id,
+        user_rate=app[USER_RATE],
+        watch=watch,
+    )
+    return ws, conn
+
+
+async def _serve(
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    conn: Connection,
+    history: list,  # type: ignore[type-arg]
+    *,
+    after: int,
+    resume: tuple[str, int] | None,
+    resumed: bool,
+    identity: Identity | None,
+    on_closed: Callable[[], None],
+) -> None:
+    app, metrics, conversation = request.app, request.app[METRICS], conn.session.conversation
+    # Built with no await before `run` joins the answer it names.
     ready = protocol.session_ready(
-        session_id, resumed=resumed, model=app[LLM_CLIENT].model, history=[e for e in history if e.id > after]
+        conn.session.id,
+        resumed=resumed,
+        model=app[LLM_CLIENT].model,
+        history=[e for e in history if e.id > after],
+        active_response=conversation.active_response(),
+        mode=protocol.WATCH if conn.watch else protocol.WRITE,
     )
     app[SOCKETS].add(ws)
     metrics.open_sockets.inc()
-    metrics.sessions_started.labels(str(resumed).lower()).inc()
-    log.info("connected", extra={"fields": {"session_id": session_id, "resumed": resumed, "history": len(history)}})
-
-    expiry = None
+    expiry: asyncio.TimerHandle | None = None
     if identity is not None and identity.expires_at is not None:
         # The token may run out while the socket is open: the session ends with it (1008).
         delay = max(0.0, identity.expires_at - time.time())
         expiry = asyncio.get_running_loop().call_later(delay, conn.expire)
 
     def closed() -> None:
+        # Within the connection's shielded wind-down: after its `disconnected` event is submitted.
         if expiry is not None:
             expiry.cancel()
         metrics.open_sockets.dec()
-        registry.checkin(session)
-        admission.leave(user_id)
+        on_closed()
 
-    await conn.run(ready, on_closed=closed)
-    return ws
+    through = max((e.id for e in history), default=0)
+    await conn.run(ready, on_closed=closed, history_through=max(through, after), resume=resume)
 
 
 async def close_sockets(app: web.Application) -> None:

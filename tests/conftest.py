@@ -179,6 +179,9 @@ def settings(
         worker_metrics_port=0,
         shutdown_flush_s=5.0,
         spool_dir=tmp_path / "spool",
+        # The 1.0 suite runs with the 1.0 behaviour, which ON_DISCONNECT=cancel keeps; tests/test_resume.py
+        # (and every test that says so) runs the 1.1 default.
+        on_disconnect="cancel",
     )
 
 
@@ -259,6 +262,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "OPENAI_MODEL": "fake-model",
         "LOG_LEVEL": "INFO",
         "WORKER_METRICS_PORT": "0",
+        "ON_DISCONNECT": settings.on_disconnect,
         # Every process a spool of its own, unless the test shares one on purpose.
         "SPOOL_DIR": tempfile.mkdtemp(prefix="spool-"),
     }

@@ -49,8 +49,8 @@ def test_the_environment_wins_over_the_env_file(tmp_path):
         ("AUTH_DISABLED", "maybe"),
         ("ALLOWED_ORIGINS", "app.example.com"),
         ("ON_DISCONNECT", "pause"),
-        ("CONTEXT_MAX_TOKENS", "0"),
-        ("CONTEXT_MAX_TOKENS", "many"),
+        ("CONTEXT_MAX_CHARS", "0"),
+        ("CONTEXT_MAX_CHARS", "many"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value):
@@ -86,8 +86,8 @@ def test_lists_flags_and_choices_are_read_from_their_text():
             "ALLOWED_HOSTS": "App.Example.com, localhost,",
             "ALLOWED_ORIGINS": "https://app.example.com/, *",
             "AUTH_DISABLED": "yes",
-            "ON_DISCONNECT": "continue",
-            "CONTEXT_MAX_TOKENS": "4000",
+            "ON_DISCONNECT": "cancel",
+            "CONTEXT_MAX_CHARS": "4000",
             "OPENAI_API_KEY": "",
         },
         env_file=None,
@@ -95,14 +95,14 @@ def test_lists_flags_and_choices_are_read_from_their_text():
     assert settings.allowed_hosts == ("app.example.com", "localhost")
     assert settings.allowed_origins == ("https://app.example.com", "*")
     assert settings.auth_disabled
-    assert (settings.on_disconnect, settings.context_max_tokens) == ("continue", 4000)
+    assert (settings.on_disconnect, settings.context_max_chars) == ("cancel", 4000)
     assert settings.openai_api_key is None
     assert Settings.from_env({"ALLOWED_HOSTS": ""}, env_file=None).allowed_hosts is None
 
 
 def test_new_settings_have_their_defaults():
     settings = Settings()
-    assert (settings.on_disconnect, settings.context_max_tokens, settings.context_max_chars) == ("cancel", 16000, 48000)
+    assert (settings.on_disconnect, settings.context_max_chars) == ("continue", 48000)
     assert (settings.presence_ttl_s, settings.session_stale_s) == (15.0, 30.0)
 
 
@@ -146,8 +146,8 @@ def test_settings_cannot_be_changed_in_place():
 
 def test_an_entry_point_stops_with_one_line_and_status_2(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CONTEXT_MAX_TOKENS", "-5")
+    monkeypatch.setenv("CONTEXT_MAX_CHARS", "-5")
     with pytest.raises(SystemExit) as e:
         load_settings()
     assert e.value.code == 2
-    assert capsys.readouterr().err == "configuration error: CONTEXT_MAX_TOKENS='-5': must be a positive integer\n"
+    assert capsys.readouterr().err == "configuration error: CONTEXT_MAX_CHARS='-5': must be a positive integer\n"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from core.errors import LLMError
 from core.llm import LLM, ChatMessage, StreamStats
@@ -17,7 +17,9 @@ from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[bytes], Awaitable[None]]
+
+class Audience(Protocol):
+    async def send(self, frame: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -44,12 +46,15 @@ class Answer:
         return "".join(self.parts)
 
 
-async def stream(llm: LLM, messages: Sequence[ChatMessage], answer: Answer, send: Send, *, max_chars: int) -> None:
+async def stream(
+    llm: LLM, messages: Sequence[ChatMessage], answer: Answer, audience: Audience, *, max_chars: int
+) -> None:
     """Relay the model's pieces as `response.delta` frames; an answer longer than `max_chars` is cut there.
 
     The hot path: per piece one append, one frame and one send that normally completes without suspending.
+    A delta's `seq` is the number of pieces so far, so a catch-up can say how far it goes.
     """
-    delta, rid, parts = protocol.response_delta, answer.response_id, answer.parts
+    delta, rid, parts, send = protocol.response_delta, answer.response_id, answer.parts, audience.send
     room = max_chars
     async with aclosing(llm.stream(messages, answer.stats)) as pieces:
         async for piece in pieces:
@@ -59,7 +64,7 @@ async def stream(llm: LLM, messages: Sequence[ChatMessage], answer: Answer, send
                 answer.truncated = True
             if piece:
                 parts.append(piece)
-                await send(delta(rid, piece))
+                await send(delta(rid, piece, len(parts)))
             if answer.first_delta_at is None:
                 # The relay's added latency is measured up to here.
                 answer.first_delta_at = time.time()

@@ -34,7 +34,7 @@ class Attacher:
             await self._check_owner(session, user_id)
         await self._presence.claim(session.id)
         if session.holder is not None:
-            await session.holder.replace()
+            await session.holder.replace(stop_answer=self._settings.on_disconnect == "cancel")
         return await self._open(session, owner_id=user_id)
 
     async def _check_owner(self, session: Session, user_id: str) -> None:

@@ -42,8 +42,11 @@ class Connection:
         metrics: Metrics,
         user_id: str | None = None,
         user_rate: UserRateLimiter | None = None,
+        watch: bool = False,
     ) -> None:
         self.session = session
+        # A watcher sees everything and changes nothing: it stores no event and holds no session.
+        self.watch = watch
         self.outbox = outbox
         self._ws = ws
         self._settings = settings
@@ -65,33 +68,47 @@ class Connection:
 
     # Life cycle.
 
-    async def run(self, ready: bytes, *, on_closed: Callable[[], None]) -> None:
-        """Send `session.ready`, serve frames until the socket closes, then wind the connection down.
+    async def run(
+        self,
+        ready: bytes,
+        *,
+        on_closed: Callable[[], None],
+        history_through: int = 0,
+        resume: tuple[str, int] | None = None,
+    ) -> None:
+        """Send `session.ready`, join the answer running now (if any), serve frames until the socket closes, then
+        wind the connection down.
 
-        The wind-down is shielded: even when the handler is cancelled (aiohttp may, when the peer vanishes)
-        the partial answer and the `disconnected` event are stored, then `on_closed` runs.
+        `ready` names the running answer as it is at this instant: the catch-up and the membership in the
+        audience follow with no await in between. The wind-down is shielded: even when the handler is cancelled
+        (aiohttp may, when the peer vanishes) the `disconnected` event is stored, then `on_closed` runs.
         """
-        self.session.conversation.record(CONNECTED, None)
-        self.session.conversation.sink = self.outbox
+        conversation = self.session.conversation
+        self.outbox.put(ready)
+        conversation.join(self.outbox, history_through=history_through, resume=resume)
+        if self.watch:
+            conversation.audience.add_watcher(self.outbox)
+        else:
+            conversation.record(CONNECTED, None)
+            conversation.audience.set_writer(self.outbox)
         try:
-            await self.outbox.send(ready)
             await self._read_frames()
         finally:
             await asyncio.shield(self._wind_down(on_closed))
 
-    async def replace(self) -> None:
-        """A newer connection takes the session over: stop the answer (the client still gets its `response.done`,
-        and the partial answer is stored), close with 4000, and return once this connection let go. A peer that
-        is not reading is cut off rather than waited for."""
+    async def replace(self, *, stop_answer: bool) -> None:
+        """A newer writing connection takes the session over: close with 4000 and return once this connection let
+        go. The answer goes on for the newer one to join, unless `stop_answer` (ON_DISCONNECT=cancel, or a newer
+        connection on another server): then it stops, the client still gets its `response.done`, and the partial
+        answer is stored. A peer that is not reading is cut off rather than waited for."""
         if self.outbox.blocked:
             self.outbox.abort("replaced while the client was not reading")
-        await self.session.conversation.stop()
+        if stop_answer:
+            # While still in the audience: this client gets the stopped answer's `response.done`.
+            await self.session.conversation.stop()
+        self.session.conversation.audience.remove(self.outbox)
         await self.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
         await self._closed.wait()
-
-    async def finish_answer(self) -> None:
-        """Shutdown: let the answer in flight finish, start no other; messages still arriving are stored."""
-        await self.session.conversation.drain()
 
     def check_stalled(self, now: float) -> bool:
         return self.outbox.check_stalled(now)
@@ -125,12 +142,15 @@ class Connection:
         session, conversation = self.session, self.session.conversation
         if self.outbox.blocked:
             self.outbox.abort("the socket closed while a send was waiting")
-        await conversation.stop()
-        if conversation.sink is self.outbox:
-            conversation.sink = None
+        was_writer = conversation.audience.writer is self.outbox
+        conversation.audience.remove(self.outbox)
         close_code = self._close_sent or self._ws.close_code or _NO_STATUS
-        conversation.record(DISCONNECTED, None, {"close_code": close_code})
-        session.detach(self)
+        if not self.watch:
+            # 1.1: a closed socket does not stop the answer; ON_DISCONNECT=cancel brings back 1.0.
+            if was_writer and self._settings.on_disconnect == "cancel":
+                await conversation.stop()
+            conversation.record(DISCONNECTED, None, {"close_code": close_code})
+            session.detach(self)
         await self._tasks.cancel()
         self._closed.set()
         on_closed()
@@ -184,6 +204,8 @@ class Connection:
         received_at = time.time()
         try:
             frame = protocol.parse_frame(text, max_message_bytes=self._settings.max_message_bytes)
+            if self.watch and not isinstance(frame, Ping):
+                raise ProtocolError(protocol.READ_ONLY, "this connection watches the session: it cannot change it")
             if isinstance(frame, UserMessage):
                 self._on_message(frame, received_at)
             elif isinstance(frame, Cancel):
@@ -191,7 +213,7 @@ class Connection:
             elif isinstance(frame, Ping):
                 self.outbox.put(protocol.PONG)
         except StoredNotAnswered as e:
-            self._ack(e.stored, e.client_msg_id)
+            self._ack(e.stored, e.client_msg_id, frame.text if isinstance(frame, UserMessage) else "")
             self._reject(e)
         except ProtocolError as e:
             self._reject(e)
@@ -202,34 +224,30 @@ class Connection:
         known = conversation.known(cmid)
         if known is not None:
             # An idempotent retry: acknowledged again, never stored or answered twice.
-            self._ack(known, cmid)
+            self._ack(known, cmid, message.text)
             return
         if not self._limiter.allow():
             raise ProtocolError(protocol.RATE_LIMITED, "too many messages; slow down and try again")
         if self._user_id is not None and self._user_rate is not None and not self._user_rate.allow(self._user_id):
             raise ProtocolError(protocol.RATE_LIMITED, "too many messages from this user across connections; slow down")
-        try:
-            stored = conversation.submit(message.text, cmid, received_at)
-        except StoredNotAnswered as e:
-            e.client_msg_id = cmid
-            raise
+        stored = conversation.submit(message.text, cmid, received_at)
         self._messages += 1
-        self._ack(stored, cmid)
+        self._ack(stored, cmid, message.text)
 
     def _reject(self, error: ProtocolError) -> None:
         self._metrics.frames_rejected.labels(error.code).inc()
         self.outbox.put(protocol.error(error.code, str(error)))
 
-    def _ack(self, stored: int | asyncio.Future[int], cmid: str | None) -> None:
+    def _ack(self, stored: int | asyncio.Future[int], cmid: str | None, text: str) -> None:
         """Send `message.stored` once the event is committed: it never runs ahead of the database."""
         if isinstance(stored, int):
-            self.outbox.put(protocol.user_message_stored(stored, cmid))
+            self.outbox.put(protocol.user_message_stored(stored, cmid, text))
             return
         self._unacked.add(stored)
 
         def done(f: asyncio.Future[int]) -> None:
             self._unacked.discard(f)
             if not f.cancelled() and f.exception() is None:
-                self.outbox.put(protocol.user_message_stored(f.result(), cmid))
+                self.outbox.put(protocol.user_message_stored(f.result(), cmid, text))
 
         stored.add_done_callback(done)

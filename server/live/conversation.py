@@ -1,5 +1,6 @@
 """A session's conversation: the messages waiting for an answer, the answer being generated, and the context the
-model sees. It speaks to a sink of frames and knows nothing of sockets."""
+model sees. It speaks to an audience of sinks and knows nothing of sockets; an answer belongs to the session, not
+to the connection that asked for it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from core.errors import LLMError, ProtocolError
 from core.llm import LLM
@@ -21,30 +21,18 @@ from ..eventlog import EventWriter
 from ..metrics import Metrics
 from . import answer as answers
 from .answer import Answer, Turn
+from .audience import Audience, Sink
 from .context import Context
 
 log = logging.getLogger(__name__)
-
-SHUTTING_DOWN = "shutting_down"
-
-
-class Sink(Protocol):
-    """Where the conversation's frames go (the writing connection's outbox)."""
-
-    async def send(self, frame: bytes) -> None: ...
-
-    def put(self, frame: bytes) -> None: ...
-
-
-async def _nowhere(frame: bytes) -> None:
-    pass
 
 
 class Conversation:
     """Answers one message at a time, in the order received; every message and answer goes to the event log.
 
-    `submit` never waits. A `cancel` stops only the answer streaming now (its partial text is stored); `stop`
-    ends everything (the socket is gone); `drain` lets the answer in flight finish and answers nothing more.
+    `submit` never waits. `cancel` stops only the answer streaming now (its partial text is stored); `stop` also
+    forgets what waits (ON_DISCONNECT=cancel, a takeover by another server); `drain` lets the answer in flight
+    finish and starts no other; `interrupt` ends it as `interrupted` (shutdown past its drain time).
     """
 
     def __init__(self, session_id: str, *, writer: EventWriter, llm: LLM, settings: Settings, metrics: Metrics) -> None:
@@ -54,19 +42,24 @@ class Conversation:
         self._settings = settings
         self._metrics = metrics
         self.context = Context(settings.system_prompt, max_chars=settings.context_max_chars)
-        self.sink: Sink | None = None
+        self.audience = Audience()
         # client_msg_id -> its stored id, or the future of it while the write is pending.
         self._client_msgs: dict[str, int | asyncio.Future[int]] = {}
         self._waiting: deque[Turn] = deque()
-        self._answer: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._current: tuple[Turn, Answer] | None = None
         self._streaming = False
         self._cancel_asked = False
+        self._interrupting = False
         self._draining = False
-        # While the socket that asked goes away: messages are still stored, but not answered.
+        # While a stop is under way: messages are still stored, but not answered.
         self._stopping = False
-        # User messages accepted over the session's life (MAX_TURNS_PER_SESSION), and the newest one's write.
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        # User messages accepted over the session's life (MAX_TURNS_PER_SESSION), and the newest message's write.
         self.turns = 0
         self.last_message: asyncio.Future[int] | None = None
+        self._last_answer: tuple[int, bytes] | None = None
 
     def load(self, history: list[StoredEvent], *, turns: int) -> None:
         self.context.load(history)
@@ -77,7 +70,34 @@ class Conversation:
 
     @property
     def busy(self) -> bool:
-        return self._answer is not None or bool(self._waiting)
+        return self._task is not None or bool(self._waiting)
+
+    async def quiet(self) -> None:
+        """Return once no answer is running and none is waiting."""
+        await self._quiet.wait()
+
+    def active_response(self) -> dict[str, Any] | None:
+        """The answer being generated now, as `session.ready` names it."""
+        if self._current is None:
+            return None
+        turn, answer = self._current
+        return {"response_id": answer.response_id, "client_msg_id": turn.client_msg_id, "seq": len(answer.parts)}
+
+    def join(self, sink: Sink, *, history_through: int, resume: tuple[str, int] | None = None) -> None:
+        """A connection arriving mid-answer: `response.started` (resumed), the text so far after what it holds
+        (`resume`), then, once the caller puts it in the audience, the live deltas. Synchronous, so nothing falls
+        between the catch-up and the live deltas. An answer stored after the connection's history was read is
+        sent as its `message.stored`."""
+        if self._last_answer is not None and self._last_answer[0] > history_through:
+            sink.put(self._last_answer[1])
+        if self._current is None:
+            return
+        turn, answer = self._current
+        held = resume[1] if resume is not None and resume[0] == answer.response_id else 0
+        sink.put(protocol.response_started(answer.response_id, turn.client_msg_id, resumed=True))
+        parts = answer.parts
+        if len(parts) > held:
+            sink.put(protocol.response_delta(answer.response_id, "".join(parts[held:]), len(parts)))
 
     def known(self, client_msg_id: str | None) -> int | asyncio.Future[int] | None:
         """The stored id (or its pending write) of a message already accepted under this client_msg_id."""
@@ -98,39 +118,37 @@ class Conversation:
         stored = self.last_message = self.record(USER_MESSAGE, text, client_msg_id=client_msg_id)
         if client_msg_id is not None:
             self._client_msgs[client_msg_id] = stored
-            stored.add_done_callback(lambda f: self._settle(client_msg_id, f))
+        stored.add_done_callback(lambda f: self._user_stored(f, client_msg_id, text))
         self.turns += 1
         self._metrics.messages_accepted.inc()
         if self._draining:
-            raise StoredNotAnswered(stored)
+            raise StoredNotAnswered(stored, client_msg_id)
         if self._stopping:
             return stored
-        turn = Turn(text, client_msg_id, received_at)
-        if self._answer is None:
-            self._start(turn)
-        else:
-            self._waiting.append(turn)
+        self._waiting.append(Turn(text, client_msg_id, received_at))
+        if self._task is None:
+            self._next()
         return stored
 
     def cancel(self) -> None:
         """Stop the answer streaming now, if any; its `response.done` says `cancelled`."""
-        if self._answer is None:
+        if self._task is None:
             return
         if self._streaming:
-            self._answer.cancel()
+            self._task.cancel()
         else:
             self._cancel_asked = True
 
     async def stop(self) -> None:
-        """The socket that asked is gone: cancel the answer, forget what waits, and return once the answer's end
-        is recorded. The conversation then takes messages again (from the next connection)."""
+        """Cancel the answer, forget what waits, and return once the answer's end is recorded. The conversation
+        then takes messages again."""
         self._stopping = True
         try:
             self._waiting.clear()
-            answer = self._answer
-            if answer is not None:
+            task = self._task
+            if task is not None:
                 self.cancel()
-                await asyncio.wait((answer,))
+                await asyncio.wait((task,))
         finally:
             self._stopping = False
 
@@ -138,9 +156,17 @@ class Conversation:
         """Shutdown: let the answer in flight finish; start no other."""
         self._draining = True
         self._waiting.clear()
-        answer = self._answer
-        if answer is not None:
-            await asyncio.wait((answer,))
+        if self._task is not None:
+            await asyncio.wait((self._task,))
+
+    async def interrupt(self) -> None:
+        """Shutdown past its drain time: end the answer as `interrupted`, its text so far stored."""
+        self._draining = self._interrupting = True
+        self._waiting.clear()
+        task = self._task
+        if task is not None:
+            self.cancel()
+            await asyncio.wait((task,))
 
     def record(
         self,
@@ -165,48 +191,53 @@ class Conversation:
 
     # Answering.
 
-    def _start(self, turn: Turn) -> None:
-        self._answer = asyncio.create_task(self._turn(turn), name=f"answer:{self.session_id}")
+    def _next(self) -> None:
+        self._cancel_asked = False
+        if self._waiting and not (self._draining or self._stopping):
+            self._quiet.clear()
+            self._task = asyncio.create_task(self._turn(self._waiting.popleft()), name=f"answer:{self.session_id}")
+        else:
+            self._task = None
+            self._current = None
+            self._quiet.set()
 
     async def _turn(self, turn: Turn) -> None:
-        sink = self.sink
-        send: Callable[[bytes], Awaitable[None]] = _nowhere if sink is None else sink.send
+        audience = self.audience
         answer = Answer("resp_" + secrets.token_hex(8))
+        self._current = (turn, answer)
         context = self.context
         context.add("user", turn.text)
-        await send(protocol.response_started(answer.response_id, turn.client_msg_id))
-        status, error = await self._stream(answer, send, context)
+        await audience.send(protocol.response_started(answer.response_id, turn.client_msg_id))
+        status, error = await self._stream(answer, context)
+        self._current = None
         text = self._settings.fallback_text if error is not None else answer.text
         if error is None:
             context.add("assistant", text)
-        await send(
-            protocol.response_done(
-                answer.response_id,
-                status=status,
-                text=text,
-                error_code=None if error is None else error.code,
-                error_message="" if error is None else str(error),
-            )
+        error_code, error_message = (None, "") if error is None else (error.code, str(error))
+        done = protocol.response_done(
+            answer.response_id, status=status, text=text, error_code=error_code, error_message=error_message
         )
+        await audience.send(done)
         meta = answers.metadata(answer, turn, status=status, model=self._llm.model, error=error)
         self.last_message = stored = self.record(AI_MESSAGE, text, meta, event_key=answer.response_id)
-        if sink is not None:
-            rid = answer.response_id
-            stored.add_done_callback(lambda f: _ack(sink, f, lambda i: protocol.answer_stored(i, rid)))
+        rid = answer.response_id
+        stored.add_done_callback(lambda f: self._answer_stored(f, rid, text, status))
         answers.observe(self._metrics, self.session_id, answer, status=status, error=error)
         self._next()
 
-    async def _stream(self, answer: Answer, send: Callable[[bytes], Awaitable[None]], context: Context) -> Any:
+    async def _stream(self, answer: Answer, context: Context) -> tuple[str, LLMError | None]:
         if self._cancel_asked:
             return protocol.CANCELLED, None
         self._streaming = True
         try:
-            await answers.stream(self._llm, context.messages(), answer, send, max_chars=self._settings.max_answer_chars)
+            await answers.stream(
+                self._llm, context.messages(), answer, self.audience, max_chars=self._settings.max_answer_chars
+            )
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            return protocol.CANCELLED, None
+            return (protocol.INTERRUPTED if self._interrupting else protocol.CANCELLED), None
         except LLMError as e:
             return protocol.FAILED, e
         except Exception as e:
@@ -216,31 +247,32 @@ class Conversation:
             self._streaming = False
         return protocol.COMPLETED, None
 
-    def _next(self) -> None:
-        self._cancel_asked = False
-        if self._waiting and not (self._draining or self._stopping):
-            self._start(self._waiting.popleft())
-        else:
-            self._answer = None
+    def _answer_stored(self, stored: asyncio.Future[int], response_id: str, text: str, status: str) -> None:
+        if stored.cancelled() or stored.exception() is not None:
+            return
+        frame = protocol.answer_stored(stored.result(), response_id, text=text, status=status)
+        # Kept for a connection whose history was read just before this answer landed (see `join`).
+        self._last_answer = (stored.result(), frame)
+        self.audience.put(frame)
 
-    def _settle(self, client_msg_id: str, stored: asyncio.Future[int]) -> None:
+    def _user_stored(self, stored: asyncio.Future[int], client_msg_id: str | None, text: str) -> None:
         if stored.cancelled() or stored.exception() is not None:
             # Never stored: forget it, so the client's retry is taken as new.
-            if self._client_msgs.get(client_msg_id) is stored:
+            if client_msg_id is not None and self._client_msgs.get(client_msg_id) is stored:
                 del self._client_msgs[client_msg_id]
-        else:
+            return
+        if client_msg_id is not None:
             self._client_msgs[client_msg_id] = stored.result()
+        # The sender is acknowledged by its connection; watchers see the message it sent.
+        self.audience.put_watchers(protocol.user_message_stored(stored.result(), client_msg_id, text))
 
 
 class StoredNotAnswered(ProtocolError):
     """The message was stored but will not be answered here (the server is shutting down)."""
 
-    def __init__(self, stored: asyncio.Future[int]) -> None:
-        super().__init__(SHUTTING_DOWN, "the server is restarting: your message is stored but not answered here")
+    def __init__(self, stored: asyncio.Future[int], client_msg_id: str | None) -> None:
+        super().__init__(
+            protocol.SHUTTING_DOWN, "the server is restarting: your message is stored but not answered here"
+        )
         self.stored = stored
-        self.client_msg_id: str | None = None
-
-
-def _ack(sink: Sink, stored: asyncio.Future[int], frame: Callable[[int], bytes]) -> None:
-    if not stored.cancelled() and stored.exception() is None:
-        sink.put(frame(stored.result()))
+        self.client_msg_id = client_msg_id

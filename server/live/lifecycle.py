@@ -48,7 +48,18 @@ class Lifecycle:
         self._endings.spawn(self._end(session), name=f"end:{session.id}")
 
     async def _end(self, session: Session) -> None:
-        """Wait for every write, record the end time and ask for the summary, unless someone came back meanwhile."""
+        """Once the session is quiet (its answers finish without a connection) and every write has landed, record
+        the end time and ask for the summary, unless someone came back meanwhile."""
+        session.ending = True
+        try:
+            await self._end_when_quiet(session)
+        finally:
+            session.ending = False
+
+    async def _end_when_quiet(self, session: Session) -> None:
+        await session.conversation.quiet()
+        if session.users > 0:
+            return
         await session.writer.drain()
         job_id: str | None = None
         async with session.lock:
@@ -118,16 +129,21 @@ class Lifecycle:
         await self.flush(within_s=flush_s)
 
     async def drain(self, *, within_s: float) -> None:
-        """Give the answers streaming now up to `within_s` to finish, while the sockets are still read (messages
-        are stored, cancels work)."""
-        holders = list(self._registry.holders())
-        if not holders:
+        """Give the answers running now up to `within_s` to finish, while the sockets are still read (messages
+        are stored, cancels work); the ones still running then are stored as `interrupted`."""
+        busy = [s.conversation for s in self._registry.sessions() if s.conversation.busy]
+        if not busy:
             return
-        tasks = [asyncio.ensure_future(h.finish_answer()) for h in holders]
-        _, late = await asyncio.wait(tasks, timeout=within_s)
-        for task in late:
-            task.cancel()
-        log.info("answers drained", extra={"fields": {"connections": len(holders), "cut_short": len(late)}})
+        draining = {asyncio.ensure_future(c.drain()): c for c in busy}
+        try:
+            _, late = await asyncio.wait(draining, timeout=0 if self._forced else within_s)
+        finally:
+            # Also when `force` cancels the wait: every answer ends stored, as interrupted.
+            late = {task for task in draining if not task.done()}
+            for task in late:
+                task.cancel()
+            await asyncio.shield(asyncio.gather(*(draining[t].interrupt() for t in late)))
+        log.info("answers drained", extra={"fields": {"answers": len(busy), "interrupted": len(late)}})
 
     async def flush(self, *, within_s: float) -> None:
         """Before the sockets close: let pending writes land, so their `message.stored` still goes out."""

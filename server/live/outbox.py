@@ -62,17 +62,35 @@ class Outbox:
         return self._sending
 
     async def send(self, frame: bytes) -> None:
-        if self._sending:
+        if self._sending or self._queue:
+            # Behind a send that waits, or frames `put` just queued: whoever sends the queue keeps the order.
             self._enqueue(frame)
             return
+        await self._flush(frame)
+
+    def put(self, frame: bytes) -> None:
+        """Queue a frame without waiting (acknowledgements, errors, a catch-up); it keeps its order with the
+        frames `send` gets after it."""
+        if self._ws.closed:
+            return
+        start = not self._sending and not self._queue
+        self._enqueue(frame)
+        if start:
+            task = asyncio.ensure_future(self._flush(None))
+            task.add_done_callback(_retrieve)
+
+    async def _flush(self, frame: bytes | None) -> None:
+        """Send `frame`, then whatever queued meanwhile; the one place that writes to the socket."""
         ws = self._ws
         if ws.closed:
+            self._drop_queue()
             return
         self._sending = True
-        self._sends += 1
+        queue = self._queue
         try:
-            await ws.send_frame(frame, WSMsgType.TEXT)
-            queue = self._queue
+            if frame is not None:
+                self._sends += 1
+                await ws.send_frame(frame, WSMsgType.TEXT)
             while queue:
                 frame = queue.popleft()
                 self._queued_bytes -= len(frame)
@@ -83,14 +101,6 @@ class Outbox:
             self._drop_queue()
         finally:
             self._sending = False
-
-    def put(self, frame: bytes) -> None:
-        """Send without waiting, for frames off the answer's path (acknowledgements, errors)."""
-        if self._sending:
-            self._enqueue(frame)
-        elif not self._ws.closed:
-            task = asyncio.ensure_future(self.send(frame))
-            task.add_done_callback(_retrieve)
 
     def check_stalled(self, now: float) -> bool:
         """Abort the transport if one send has waited `timeout_s` without progress; True if it did."""

@@ -38,10 +38,29 @@ class Registry:
         if session.users == 0:
             self._on_idle(session)
 
+    def watch(self, session_id: str, *, limit: int) -> Session | None:
+        """The session for a read-only connection, or None when `limit` watchers follow it already; paired with
+        `unwatch`."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = self._make_session(session_id)
+        if session.watchers >= limit:
+            return None
+        session.watchers += 1
+        return session
+
+    def unwatch(self, session: Session) -> None:
+        session.watchers -= 1
+        if session.watchers == 0 and session.users == 0 and not session.conversation.busy and not session.ending:
+            self.forget(session)
+
     def forget(self, session: Session) -> None:
-        """The session ended (called under its lock, with no user left)."""
-        if self._sessions.get(session.id) is session:
+        """The session ended (called under its lock, with no user left); watchers keep it registered."""
+        if session.watchers == 0 and self._sessions.get(session.id) is session:
             del self._sessions[session.id]
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
 
     def holders(self) -> Iterator[Holder]:
         return (s.holder for s in list(self._sessions.values()) if s.holder is not None)
@@ -52,9 +71,14 @@ class Registry:
     def release_request(self, session_id: str) -> None:
         """Another server takes the session over: close our socket on it with 4000; its wind-down stores what
         we had, and the lease is let go once every write has landed."""
+        # Until answers can move between servers, the answer running here stops: the other server takes over.
         session = self._sessions.get(session_id)
-        if session is not None and session.holder is not None:
-            self._tasks.spawn(session.holder.replace(), name=f"release:{session_id}")
+        if session is None:
+            return
+        if session.holder is not None:
+            self._tasks.spawn(session.holder.replace(stop_answer=True), name=f"release:{session_id}")
+        elif session.conversation.busy:
+            self._tasks.spawn(session.conversation.stop(), name=f"release:{session_id}")
 
     async def sweep_stalled(self) -> None:
         """Runs until cancelled: cut off every connection whose peer stopped reading (see `Outbox`)."""

@@ -15,9 +15,7 @@ from .conversation import Conversation
 class Holder(Protocol):
     """The writing connection that holds a session (see `Connection`)."""
 
-    async def replace(self) -> None: ...
-
-    async def finish_answer(self) -> None: ...
+    async def replace(self, *, stop_answer: bool) -> None: ...
 
     async def close(self, code: int, message: str, *, ack_wait_s: float | None = None) -> None: ...
 
@@ -34,8 +32,12 @@ class Session:
         self.holder: Holder | None = None
         # Held while a connection attaches and while the session is being ended, so the two never cross.
         self.lock = asyncio.Lock()
-        # Connections checked out (attaching or attached); the session ends when the last one checks in.
+        # Writing connections checked out (attaching or attached); the session ends when the last one checks in.
         self.users = 0
+        # Read-only connections following it; they keep it registered, never alive.
+        self.watchers = 0
+        # Set while the lifecycle ends it (its answers finishing, its end being recorded).
+        self.ending = False
         self.loaded = False
         self.start_time: datetime | None = None
         self.ended_at: datetime | None = None
