@@ -34,22 +34,20 @@ alter table session_events add column if not exists event_key text;
 create index if not exists session_events_session_id_id_idx on session_events (session_id, id);
 create index if not exists sessions_start_time_idx on sessions (start_time desc nulls last);
 
--- `add constraint` has no `if not exists`: look the constraint up first (on this schema's table).
+-- `add constraint` has no `if not exists`: look each constraint up first (on this schema's table).
 do $$
+declare
+    c record;
 begin
-    if not exists (
-        select 1 from pg_constraint
-        where conrelid = 'session_events'::regclass and conname = 'session_events_session_id_client_msg_id_key'
-    ) then
-        alter table session_events
-            add constraint session_events_session_id_client_msg_id_key unique (session_id, client_msg_id);
-    end if;
-    if not exists (
-        select 1 from pg_constraint
-        where conrelid = 'session_events'::regclass and conname = 'session_events_session_id_event_key_key'
-    ) then
-        alter table session_events
-            add constraint session_events_session_id_event_key_key unique (session_id, event_key);
-    end if;
+    for c in select * from (values
+        ('session_events_session_id_client_msg_id_key', 'session_id, client_msg_id'),
+        ('session_events_session_id_event_key_key', 'session_id, event_key')
+    ) as t(name, columns) loop
+        if not exists (
+            select 1 from pg_constraint where conrelid = 'session_events'::regclass and conname = c.name
+        ) then
+            execute format('alter table session_events add constraint %I unique (%s)', c.name, c.columns);
+        end if;
+    end loop;
 end
 $$;

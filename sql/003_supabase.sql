@@ -1,18 +1,23 @@
--- 003_supabase: the SQL functions the Supabase backend calls with rpc(), and row level security.
+-- 003_supabase: the SQL functions that write for both PostgreSQL backends, and row level security.
+--
+-- Its other functions now live in 004_shared_functions.sql, which redefined or replaced them all
+-- (chat_session, chat_sessions, chat_summary_state, chat_sessions_needing_summary, chat_ended_sessions),
+-- and so does the one list of who may call each function: a database that applied the earlier 003
+-- ends in the same state once 004 has run.
 --
 -- PostgREST runs each request in one transaction, so a step that needs several statements, or a
 -- result PostgREST cannot express (an upsert that reports whether it created the row, ids in input
--- order, a conditional update, counts and each session's last event), is one function here. Every
--- function returns one JSON value, not a set: PostgREST caps set results at the project's Max Rows
--- and does not promise their order, while a value built with `order by` arrives whole and in order.
--- They run as the caller (security invoker) and only the service role may call them.
+-- order, a conditional update), is one function here. Every function returns one JSON value, not a
+-- set: PostgREST caps set results at the project's Max Rows and does not promise their order, while a
+-- value built with `order by` arrives whole and in order. They run as the caller (security invoker).
 --
 -- Row level security: on Supabase the `auth` schema, `auth.uid()` and the roles anon, authenticated
 -- and service_role exist, and this migration adds the policies: a signed-in user reads only their own
 -- sessions and those sessions' events; nobody but the service role (which bypasses RLS) writes. On a
 -- plain PostgreSQL without them, RLS is still enabled, and with no policy nobody but the tables'
--- owner (the service's own login) can read or write. Run this file again after adding Supabase's
--- auth there: it is idempotent. Changing a function's result type later needs `drop function` first.
+-- owner (the service's own login) can read or write. Run this file again, then 004, after adding
+-- Supabase's auth there: both are idempotent. Changing a function's result type later needs
+-- `drop function` first.
 
 create or replace function chat_open_session(p_session_id text, p_owner_id text, p_now timestamptz)
 returns json
@@ -53,99 +58,6 @@ begin
 end
 $$;
 
--- One session with its number of messages (events of the types in `p_message_types`), or null.
-create or replace function chat_session(p_session_id text, p_message_types text[])
-returns json
-language sql stable security invoker set search_path from current
-as $$
-    select to_json(r) from (
-        select s.session_id, s.start_time, s.end_time, s.summary, s.owner_id,
-            (select count(*) from session_events e
-             where e.session_id = s.session_id and e.event_type = any(p_message_types)) as message_count
-        from sessions s
-        where s.session_id = p_session_id
-    ) r
-$$;
-
--- Sessions (of one owner when `p_owner_id` is not null), newest start first, with message counts.
-create or replace function chat_sessions(p_limit integer, p_owner_id text, p_message_types text[])
-returns json
-language sql stable security invoker set search_path from current
-as $$
-    select coalesce(json_agg(r order by r.start_time desc nulls last, r.session_id), '[]'::json) from (
-        select s.session_id, s.start_time, s.end_time, s.summary, s.owner_id,
-            (select count(*) from session_events e
-             where e.session_id = s.session_id and e.event_type = any(p_message_types)) as message_count
-        from sessions s
-        where p_owner_id is null or s.owner_id = p_owner_id
-        order by s.start_time desc nulls last, s.session_id
-        limit p_limit
-    ) r
-$$;
-
--- A session's summary bookkeeping (its newest event found through the (session_id, id) index), or null.
-create or replace function chat_summary_state(p_session_id text)
-returns json
-language sql stable security invoker set search_path from current
-as $$
-    select to_json(r) from (
-        select s.session_id, s.start_time, s.end_time, s.summarized_through,
-            e.id as last_event_id, e.created_at as last_event_at
-        from sessions s
-        left join lateral (
-            select le.id, le.created_at from session_events le
-            where le.session_id = s.session_id order by le.id desc limit 1
-        ) e on true
-        where s.session_id = p_session_id
-    ) r
-$$;
-
--- Sessions to (re)summarise, oldest first: ended ones whose summary does not cover their last event,
--- and ones never ended whose last event is older than `p_stale_before`. The first condition is only
--- a cheap filter (a summary written after the session last ended is up to date); the rest is exact.
-create or replace function chat_sessions_needing_summary(p_stale_before timestamptz, p_limit integer)
-returns json
-language sql stable security invoker set search_path from current
-as $$
-    select coalesce(json_agg(r order by r.due, r.session_id), '[]'::json) from (
-        select s.session_id, s.start_time, s.end_time, s.summarized_through,
-            e.id as last_event_id, e.created_at as last_event_at, coalesce(s.end_time, e.created_at) as due
-        from sessions s
-        join lateral (
-            select le.id, le.created_at from session_events le
-            where le.session_id = s.session_id order by le.id desc limit 1
-        ) e on true
-        where (s.end_time is null or s.summarized_through is null or s.summary_updated_at is null
-               or s.summary_updated_at < s.end_time)
-          and ((s.end_time is not null and (s.summarized_through is null or s.summarized_through < e.id))
-               or (s.end_time is null and e.created_at < p_stale_before))
-        order by due, s.session_id
-        limit p_limit
-    ) r
-$$;
-
--- Ended sessions whose start_time falls in [p_started_after, p_started_before) (a null bound is
--- open), oldest start first.
-create or replace function chat_ended_sessions(p_started_after timestamptz, p_started_before timestamptz, p_limit integer)
-returns json
-language sql stable security invoker set search_path from current
-as $$
-    select coalesce(json_agg(r order by r.start_time, r.session_id), '[]'::json) from (
-        select s.session_id, s.start_time, s.end_time, s.summarized_through,
-            e.id as last_event_id, e.created_at as last_event_at
-        from sessions s
-        left join lateral (
-            select le.id, le.created_at from session_events le
-            where le.session_id = s.session_id order by le.id desc limit 1
-        ) e on true
-        where s.end_time is not null
-          and (p_started_after is null or s.start_time >= p_started_after)
-          and (p_started_before is null or s.start_time < p_started_before)
-        order by s.start_time, s.session_id
-        limit p_limit
-    ) r
-$$;
-
 -- Store a summary covering the events up to `p_through_event_id` and set end_time if still null.
 -- `<=`: a forced redo of the same state may replace its summary; an older state never replaces a
 -- newer one. True when the row was written.
@@ -173,29 +85,9 @@ alter table session_events enable row level security;
 
 do $$
 declare
-    fn regprocedure;
     supabase boolean := to_regprocedure('auth.uid()') is not null
         and (select count(*) from pg_roles where rolname in ('anon', 'authenticated', 'service_role')) = 3;
 begin
-    -- Functions are executable by PUBLIC by default, and Supabase also grants every new function in
-    -- `public` to anon and authenticated: only the service role may call these.
-    foreach fn in array array[
-        'chat_open_session(text, text, timestamptz)',
-        'chat_append_events(jsonb)',
-        'chat_session(text, text[])',
-        'chat_sessions(integer, text, text[])',
-        'chat_summary_state(text)',
-        'chat_sessions_needing_summary(timestamptz, integer)',
-        'chat_ended_sessions(timestamptz, timestamptz, integer)',
-        'chat_save_summary(text, text, bigint, timestamptz)'
-    ]::regprocedure[] loop
-        execute format('revoke all on function %s from public', fn);
-        if supabase then
-            execute format('revoke all on function %s from anon, authenticated', fn);
-            execute format('grant execute on function %s to service_role', fn);
-        end if;
-    end loop;
-
     if not supabase then
         raise notice '003_supabase: no auth.uid() or Supabase roles here, so no policies: only the owner of the tables can use them';
         return;

@@ -8,7 +8,8 @@
 --
 -- chat_session and chat_sessions lose their `p_message_types` argument: the list of message types is
 -- chat_message_types(), here. chat_open_session, chat_append_events and chat_save_summary stay as 003
--- defines them. Safe to run again. Run it again after running 003 again (which redefines its functions).
+-- defines them; every other function is here only, and the end of this file says, once for all of
+-- them, who may call them. Safe to run again; run it again after running 003 again.
 
 -- The event types that are messages: what a summary covers and what message counts count.
 create or replace function chat_message_types()
@@ -128,8 +129,13 @@ declare
     supabase boolean := to_regprocedure('auth.uid()') is not null
         and (select count(*) from pg_roles where rolname in ('anon', 'authenticated', 'service_role')) = 3;
 begin
-    -- As in 003: only the service role may call these (the helpers too, though they run as the caller).
+    -- Functions are executable by PUBLIC by default, and Supabase also grants every new function in
+    -- `public` to anon and authenticated: only the service role may call these (the helpers too, though
+    -- they run as the caller). 003's functions are here as well, so that this list is the only one.
     foreach fn in array array[
+        'chat_open_session(text, text, timestamptz)',
+        'chat_append_events(jsonb)',
+        'chat_save_summary(text, text, bigint, timestamptz)',
         'chat_message_types()',
         'chat_session_records()',
         'chat_summary_states()',

@@ -90,7 +90,7 @@ async def prepare_supabase_database(conn: PgConnection, *, schema: str = "public
     await migrate_postgres(conn)
     # The test database is shared: another fixture may have applied 003 before the stand-in existed,
     # which leaves it without policies. Running it again is what the README tells a deployment to do,
-    # and then the migrations after it, since 003 redefines functions that later ones replace.
+    # and then the migrations after it, since 004 is where every function is granted to the service role.
     policies = await conn.fetchval(
         "select count(*) from pg_policies where schemaname = $1 and tablename in ('sessions', 'session_events')",
         schema,

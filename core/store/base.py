@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol
+
+from ..errors import StoreError
 
 USER_MESSAGE: Final = "user_message"
 AI_MESSAGE: Final = "ai_message"
@@ -24,6 +27,21 @@ def without_nul(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [without_nul(v) for v in value]
     return value
+
+
+def clipped(text: str, *, limit: int = 200) -> str:
+    """An error's text as the stores log it: at most `limit` characters, and an ellipsis when cut."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+@contextmanager
+def translated(errors: tuple[type[Exception], ...], translate: Callable[[Exception], StoreError]) -> Iterator[None]:
+    """Raise `translate(e)` from any of `errors` raised inside: how every backend maps its driver's errors to
+    StoreUnavailable (retry may help) or StoreError (it will not)."""
+    try:
+        yield
+    except errors as e:
+        raise translate(e) from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +127,7 @@ class Store(Protocol):
         ...
 
     async def events(
-        self,
-        session_id: str,
-        *,
-        after: int = 0,
-        limit: int | None = None,
-        types: Sequence[str] | None = None,
+        self, session_id: str, *, after: int = 0, limit: int | None = None, types: Sequence[str] | None = None
     ) -> list[StoredEvent]:
         """The session's events with id > `after`, in id order; the last `limit` of them when a limit is given."""
         ...

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -16,12 +16,12 @@ from asyncpg.pool import PoolConnectionProxy
 
 from ..errors import StoreError, StoreUnavailable
 from . import rows
-from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
+from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, clipped, translated, without_nul
 from .migrate import migrate_postgres
 
 # Errors after which the same call may succeed: the server is restarting, refusing or unreachable,
 # the connection broke, or the transaction lost a race (deadlock, serialization, statement timeout).
-_TRANSIENT: tuple[type[BaseException], ...] = (
+_TRANSIENT: tuple[type[Exception], ...] = (
     OSError,  # includes ConnectionError and TimeoutError (asyncpg's connect and command timeouts)
     pg.PostgresConnectionError,  # SQLSTATE class 08, and ConnectionDoesNotExistError
     pg.AdminShutdownError,  # 57P01
@@ -32,7 +32,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     pg.QueryCanceledError,  # 57014: statement_timeout
     pg.InternalClientError,  # protocol confusion or a stale statement cache: a fresh attempt clears it
 )
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+_DRIVER_ERRORS: tuple[type[Exception], ...] = (
     *_TRANSIENT,
     pg.PostgresError,
     pg.InterfaceError,
@@ -40,7 +40,7 @@ _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     orjson.JSONEncodeError,
 )
 
-_EVENT_COLUMNS = "id, session_id, event_type, content, created_at, client_msg_id, metadata"
+_EVENT_COLUMNS = ", ".join(rows.EVENT_COLUMNS)
 
 
 def _is_transient(e: BaseException) -> bool:
@@ -55,19 +55,16 @@ def _describe(e: BaseException) -> str:
     # and this string ends up in logs.
     text = str(e.args[0]) if isinstance(e, pg.PostgresError) and e.args else str(e)
     text = re.sub(r"(query argument \$\d+): .* \(", r"\1 (", text, count=1, flags=re.DOTALL)
-    return text if len(text) <= 200 else text[:200] + "…"
+    return clipped(text)
 
 
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
-    """Turn driver errors into StoreUnavailable (retry may help) or StoreError (it will not)."""
-    try:
-        yield
-    except _DRIVER_ERRORS as e:
-        message = f"PostgreSQL: {type(e).__name__}: {_describe(e)}"
-        if _is_transient(e):
-            raise StoreUnavailable(message) from e
-        raise StoreError(message) from e
+def _store_error(e: Exception) -> StoreError:
+    message = f"PostgreSQL: {type(e).__name__}: {_describe(e)}"
+    return StoreUnavailable(message) if _is_transient(e) else StoreError(message)
+
+
+def _mapped_errors() -> AbstractContextManager[None]:
+    return translated(_DRIVER_ERRORS, _store_error)
 
 
 def _json(value: Any) -> str:
@@ -77,18 +74,6 @@ def _json(value: Any) -> str:
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     for type_ in ("json", "jsonb"):
         await conn.set_type_codec(type_, schema="pg_catalog", encoder=_json, decoder=orjson.loads, format="text")
-
-
-def _event(row: asyncpg.Record) -> StoredEvent:
-    return StoredEvent(
-        id=row["id"],
-        session_id=row["session_id"],
-        event_type=row["event_type"],
-        content=row["content"],
-        created_at=row["created_at"],
-        client_msg_id=row["client_msg_id"],
-        metadata=row["metadata"],
-    )
 
 
 class PostgresStore:
@@ -145,7 +130,7 @@ class PostgresStore:
 
     async def open_session(self, session_id: str, *, owner_id: str | None, now: datetime) -> OpenedSession:
         row = await self._call("chat_open_session", session_id, owner_id, now)
-        return OpenedSession(record=rows.session(row), created=row["created"])
+        return OpenedSession(record=rows.record(SessionRecord, row), created=bool(row["created"]))
 
     async def append_events(self, events: Sequence[NewEvent]) -> list[int]:
         if not events:
@@ -154,12 +139,7 @@ class PostgresStore:
         return rows.ids(await self._call("chat_append_events", rows.event_batch(events)), len(events))
 
     async def events(
-        self,
-        session_id: str,
-        *,
-        after: int = 0,
-        limit: int | None = None,
-        types: Sequence[str] | None = None,
+        self, session_id: str, *, after: int = 0, limit: int | None = None, types: Sequence[str] | None = None
     ) -> list[StoredEvent]:
         where = "session_id = $1 and id > $2 and ($3::text[] is null or event_type = any($3::text[]))"
         if limit is None:
@@ -174,15 +154,15 @@ class PostgresStore:
         if limit is not None:
             args.append(limit)
         async with self._connection() as conn:
-            rows = await conn.fetch(sql, *args)
-        return [_event(r) for r in rows]
+            found = await conn.fetch(sql, *args)
+        return [rows.record(StoredEvent, r) for r in found]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = await self._call("chat_session", session_id)
-        return None if row is None else rows.session(row)
+        return None if row is None else rows.record(SessionRecord, row)
 
     async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
-        return [rows.session(r) for r in await self._call("chat_sessions", limit, owner_id)]
+        return [rows.record(SessionRecord, r) for r in await self._call("chat_sessions", limit, owner_id)]
 
     async def end_session(self, session_id: str, *, end_time: datetime) -> None:
         async with self._connection() as conn:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,9 @@ import aiosqlite
 import orjson
 
 from ..errors import StoreError, StoreUnavailable
+from . import rows
 from . import sqlite_queries as q
-from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
+from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, translated, without_nul
 from .migrate import migrate_sqlite
 
 # Primary result codes after which the same call may succeed: another process holds the lock, or the
@@ -31,67 +32,21 @@ def _is_transient(e: sqlite3.Error) -> bool:
     return isinstance(e, sqlite3.OperationalError) and any(m in str(e).lower() for m in _TRANSIENT_MESSAGES)
 
 
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
-    """Turn sqlite3 errors into StoreUnavailable (retry may help) or StoreError (it will not)."""
-    try:
-        yield
-    except sqlite3.Error as e:
-        message = f"SQLite: {type(e).__name__}: {e}"
-        if _is_transient(e):
-            raise StoreUnavailable(message) from e
-        raise StoreError(message) from e
-    except (UnicodeError, orjson.JSONEncodeError) as e:
-        raise StoreError(f"SQLite: {type(e).__name__}: {e}") from e
+def _store_error(e: Exception) -> StoreError:
+    message = f"SQLite: {type(e).__name__}: {e}"
+    return StoreUnavailable(message) if isinstance(e, sqlite3.Error) and _is_transient(e) else StoreError(message)
 
 
-def _ts(value: datetime) -> str:
-    # One fixed width, always UTC, so that text order is time order. Naive means local time, as in asyncpg.
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
+def _mapped_errors() -> AbstractContextManager[None]:
+    return translated((sqlite3.Error, UnicodeError, orjson.JSONEncodeError), _store_error)
 
 
-def _dt(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    value = datetime.fromisoformat(text)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _session(row: sqlite3.Row) -> SessionRecord:
-    return SessionRecord(
-        session_id=row["session_id"],
-        start_time=_dt(row["start_time"]),
-        end_time=_dt(row["end_time"]),
-        summary=row["summary"],
-        owner_id=row["owner_id"],
-        message_count=row["message_count"] if "message_count" in row.keys() else None,  # noqa: SIM118
-    )
-
-
-def _event(row: sqlite3.Row) -> StoredEvent:
-    created_at = _dt(row["created_at"])
-    assert created_at is not None  # the column has a default and the store always writes it
-    return StoredEvent(
-        id=row["id"],
-        session_id=row["session_id"],
-        event_type=row["event_type"],
-        content=row["content"],
-        created_at=created_at,
-        client_msg_id=row["client_msg_id"],
-        metadata=orjson.loads(row["metadata"]),
-    )
-
-
-def _summary_state(row: sqlite3.Row) -> SummaryState:
-    return SummaryState(
-        session_id=row["session_id"],
-        start_time=_dt(row["start_time"]),
-        end_time=_dt(row["end_time"]),
-        last_message_id=row["last_message_id"],
-        last_message_at=_dt(row["last_message_at"]),
-        summarized_through=row["summarized_through"],
-        up_to_date=bool(row["up_to_date"]),
-    )
+# The named parameters are the keys of rows.event_batch.
+_INSERT_EVENT = (
+    "insert into session_events (session_id, event_type, content, created_at, client_msg_id, event_key, metadata)"
+    " values (:session_id, :event_type, :content, :created_at, :client_msg_id, :event_key, :metadata)"
+    " on conflict (session_id, event_key) do nothing returning id"
+)
 
 
 class SQLiteStore:
@@ -157,63 +112,43 @@ class SQLiteStore:
             cursor = await db.execute(
                 "insert into sessions (session_id, start_time, owner_id) values (?, ?, ?)"
                 " on conflict (session_id) do nothing",
-                (session_id, _ts(now), owner_id),
+                (session_id, rows.ts(now), owner_id),
             )
             created = cursor.rowcount == 1
             if not created:
                 await db.execute(
                     "update sessions set end_time = null, start_time = coalesce(start_time, ?) where session_id = ?",
-                    (_ts(now), session_id),
+                    (rows.ts(now), session_id),
                 )
             async with db.execute(
                 f"select {q.SESSION_COLUMNS} from sessions s where s.session_id = ?", (session_id,)
             ) as c:
                 row = await c.fetchone()
         assert row is not None  # inserted or updated just above, in the same transaction
-        return OpenedSession(record=_session(row), created=created)
+        return OpenedSession(record=rows.record(SessionRecord, row), created=created)
 
     async def append_events(self, events: Sequence[NewEvent]) -> list[int]:
         if not events:
             return []
         ids: list[int] = []
         async with self._transaction() as db:
-            for e in events:
+            for e in rows.event_batch(events):
                 # A key already stored (a retried write) keeps its row and id; a clash on
                 # (session_id, client_msg_id) under another key is not covered by `on conflict` and raises.
-                params = (
-                    e.session_id,
-                    e.event_type,
-                    without_nul(e.content),
-                    _ts(e.created_at),
-                    without_nul(e.client_msg_id),
-                    e.event_key,
-                    orjson.dumps(without_nul(e.metadata)).decode(),
-                )
-                rows = list(
-                    await db.execute_fetchall(
-                        "insert into session_events"
-                        " (session_id, event_type, content, created_at, client_msg_id, event_key, metadata)"
-                        " values (?, ?, ?, ?, ?, ?, ?) on conflict (session_id, event_key) do nothing returning id",
-                        params,
-                    )
-                )
-                if not rows:
-                    rows = list(
+                params = {**e, "metadata": orjson.dumps(e["metadata"]).decode()}
+                found = list(await db.execute_fetchall(_INSERT_EVENT, params))
+                if not found:
+                    found = list(
                         await db.execute_fetchall(
                             "select id from session_events where session_id = ? and event_key = ?",
-                            (e.session_id, e.event_key),
+                            (e["session_id"], e["event_key"]),
                         )
                     )
-                ids.append(rows[0]["id"])
+                ids.append(found[0]["id"])
         return ids
 
     async def events(
-        self,
-        session_id: str,
-        *,
-        after: int = 0,
-        limit: int | None = None,
-        types: Sequence[str] | None = None,
+        self, session_id: str, *, after: int = 0, limit: int | None = None, types: Sequence[str] | None = None
     ) -> list[StoredEvent]:
         where = "session_id = ? and id > ?"
         params: list[Any] = [session_id, after]
@@ -229,12 +164,14 @@ class SQLiteStore:
                 " order by id desc limit ?) order by id"
             )
             params.append(limit)
-        return [_event(r) for r in await self._fetch(sql, params)]
+        return [
+            rows.record(StoredEvent, r, metadata=orjson.loads(r["metadata"])) for r in await self._fetch(sql, params)
+        ]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         sql = f"select {q.SESSION_COLUMNS}, {q.MESSAGE_COUNT} from sessions s where s.session_id = ?"
-        rows = await self._fetch(sql, (session_id,))
-        return _session(rows[0]) if rows else None
+        found = await self._fetch(sql, (session_id,))
+        return rows.record(SessionRecord, found[0]) if found else None
 
     async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
         # NULL sorts lowest in SQLite, so sessions without a start time come last, as in PostgresStore.
@@ -243,15 +180,15 @@ class SQLiteStore:
             " where (? is null or s.owner_id = ?)"
             " order by s.start_time desc, s.session_id limit ?"
         )
-        return [_session(r) for r in await self._fetch(sql, (owner_id, owner_id, limit))]
+        return [rows.record(SessionRecord, r) for r in await self._fetch(sql, (owner_id, owner_id, limit))]
 
     async def end_session(self, session_id: str, *, end_time: datetime) -> None:
         async with self._transaction() as db:
-            await db.execute("update sessions set end_time = ? where session_id = ?", (_ts(end_time), session_id))
+            await db.execute("update sessions set end_time = ? where session_id = ?", (rows.ts(end_time), session_id))
 
     async def summary_state(self, session_id: str) -> SummaryState | None:
-        rows = await self._fetch(f"select * from ({q.SUMMARY_STATE}) st where st.session_id = ?", (session_id,))
-        return _summary_state(rows[0]) if rows else None
+        found = await self._fetch(f"select * from ({q.SUMMARY_STATE}) st where st.session_id = ?", (session_id,))
+        return rows.summary_state(found[0]) if found else None
 
     async def save_summary(self, session_id: str, *, summary: str, through_event_id: int, end_time: datetime) -> bool:
         # `<=`: a forced redo of the same state may replace its summary; an older one never replaces a newer.
@@ -263,8 +200,8 @@ class SQLiteStore:
                 (
                     without_nul(summary),
                     through_event_id,
-                    _ts(datetime.now(UTC)),
-                    _ts(end_time),
+                    rows.ts(datetime.now(UTC)),
+                    rows.ts(end_time),
                     session_id,
                     through_event_id,
                 ),
@@ -272,15 +209,13 @@ class SQLiteStore:
             return cursor.rowcount == 1
 
     async def sessions_needing_summary(self, *, stale_before: datetime, limit: int) -> list[SummaryState]:
-        return [_summary_state(r) for r in await self._fetch(q.NEEDING_SUMMARY, (_ts(stale_before), limit))]
+        return [rows.summary_state(r) for r in await self._fetch(q.NEEDING_SUMMARY, (rows.ts(stale_before), limit))]
 
     async def ended_sessions(
         self, *, started_after: datetime | None = None, started_before: datetime | None = None, limit: int
     ) -> list[SummaryState]:
-        after = None if started_after is None else _ts(started_after)
-        before = None if started_before is None else _ts(started_before)
-        rows = await self._fetch(q.ENDED, (after, after, before, before, limit))
-        return [_summary_state(r) for r in rows]
+        after, before = rows.ts(started_after), rows.ts(started_before)
+        return [rows.summary_state(r) for r in await self._fetch(q.ENDED, (after, after, before, before, limit))]
 
     async def ping(self) -> None:
         await self._fetch("select 1")

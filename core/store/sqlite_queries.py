@@ -3,9 +3,10 @@
 # SQLite cannot call PostgreSQL functions, so it keeps its own copy of these queries: keep the two in step.
 from __future__ import annotations
 
+from . import rows
 from .base import MESSAGE_TYPES
 
-EVENT_COLUMNS = "id, session_id, event_type, content, created_at, client_msg_id, metadata"
+EVENT_COLUMNS = ", ".join(rows.EVENT_COLUMNS)
 SESSION_COLUMNS = "s.session_id, s.start_time, s.end_time, s.summary, s.owner_id"
 MESSAGE_TYPES_SQL = f"({', '.join(repr(t) for t in MESSAGE_TYPES)})"
 MESSAGE_COUNT = (

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -15,13 +15,13 @@ from supabase import AsyncClient, AsyncClientOptions, AsyncSupabaseException, ac
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from . import rows
-from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, without_nul
+from .base import NewEvent, OpenedSession, SessionRecord, StoredEvent, SummaryState, clipped, translated, without_nul
 
 T = TypeVar("T")
 
 # Supabase's default "Max Rows": the most rows one read returns, whatever it asks for. Reads page by it.
 DEFAULT_PAGE_SIZE = 1000
-_EVENT_COLUMNS = "id,session_id,event_type,content,created_at,client_msg_id,metadata"
+_EVENT_COLUMNS = ",".join(rows.EVENT_COLUMNS)
 # Answers after which the same call may succeed: every 5xx (PostgREST or its database down, restarting,
 # overloaded or timing out), a gateway's request timeout, and rate limiting.
 _RETRYABLE_4XX = {408, 429}
@@ -57,41 +57,26 @@ def _describe(text: str | None) -> str:
     # these strings end up in logs: keep the words, not the value. PostgREST's `details` (which names the
     # conflicting key) is never read.
     text = re.sub(r':\s*".*"', ': "…"', text or "", flags=re.DOTALL)
-    return text if len(text) <= 200 else text[:200] + "…"
+    return clipped(text)
 
 
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
-    """Turn HTTP and PostgREST errors into StoreUnavailable (retry may help) or StoreError (it will not)."""
-    try:
-        yield
-    except _ServerError as e:
+def _store_error(e: Exception) -> StoreError:
+    if isinstance(e, _ServerError):
         code = f" {e.code}" if e.code else ""
-        raise StoreUnavailable(f"Supabase: HTTP {e.status}{code}: {_describe(e.message)}") from e
-    except httpx.TimeoutException as e:
-        raise StoreUnavailable(f"Supabase: {type(e).__name__}: no answer within the timeout") from e
-    except httpx.TransportError as e:
-        raise StoreUnavailable(f"Supabase: {type(e).__name__}: {_describe(str(e))}") from e
-    except APIError as e:
+        return StoreUnavailable(f"Supabase: HTTP {e.status}{code}: {_describe(e.message)}")
+    if isinstance(e, httpx.TimeoutException):
+        return StoreUnavailable(f"Supabase: {type(e).__name__}: no answer within the timeout")
+    if isinstance(e, httpx.TransportError):
+        return StoreUnavailable(f"Supabase: {type(e).__name__}: {_describe(str(e))}")
+    if isinstance(e, APIError):
         hint = " (are the migrations in sql/ applied?)" if e.code in _MISSING else ""
-        raise StoreError(f"Supabase: {e.code or 'error'}: {_describe(e.message)}{hint}") from e
-    except (httpx.HTTPError, ValueError, TypeError, KeyError) as e:
-        # Includes a value JSON cannot carry (UnicodeError, NaN) and an answer of an unexpected shape.
-        raise StoreError(f"Supabase: {type(e).__name__}: {_describe(str(e))}") from e
+        return StoreError(f"Supabase: {e.code or 'error'}: {_describe(e.message)}{hint}")
+    # A value JSON cannot carry (UnicodeError, NaN), an answer of an unexpected shape, another HTTP error.
+    return StoreError(f"Supabase: {type(e).__name__}: {_describe(str(e))}")
 
 
-def _event(row: dict[str, Any]) -> StoredEvent:
-    created_at = rows.dt(row["created_at"])
-    assert created_at is not None  # the column has a default and the store always writes it
-    return StoredEvent(
-        id=row["id"],
-        session_id=row["session_id"],
-        event_type=row["event_type"],
-        content=row["content"],
-        created_at=created_at,
-        client_msg_id=row["client_msg_id"],
-        metadata=row["metadata"],
-    )
+def _mapped_errors() -> AbstractContextManager[None]:
+    return translated((_ServerError, httpx.HTTPError, APIError, ValueError, TypeError, KeyError), _store_error)
 
 
 class SupabaseStore:
@@ -157,7 +142,7 @@ class SupabaseStore:
         return await self._rpc(
             "chat_open_session",
             params,
-            lambda row: OpenedSession(record=rows.session(row), created=bool(row["created"])),
+            lambda row: OpenedSession(record=rows.record(SessionRecord, row), created=bool(row["created"])),
         )
 
     async def append_events(self, events: Sequence[NewEvent]) -> list[int]:
@@ -168,23 +153,18 @@ class SupabaseStore:
         return await self._rpc("chat_append_events", {"p_events": batch}, lambda ids: rows.ids(ids, len(events)))
 
     async def events(
-        self,
-        session_id: str,
-        *,
-        after: int = 0,
-        limit: int | None = None,
-        types: Sequence[str] | None = None,
+        self, session_id: str, *, after: int = 0, limit: int | None = None, types: Sequence[str] | None = None
     ) -> list[StoredEvent]:
         if (limit is not None and limit <= 0) or (types is not None and not types):
             return []
         # The last `limit` are read newest first, then turned around; either way page by id, so that no
         # page is cut short by the project's row cap.
         newest_first = limit is not None
-        rows: list[dict[str, Any]] = []
+        found: list[dict[str, Any]] = []
         before: int | None = None
         with _mapped_errors():
             while True:
-                want = self._page_size if limit is None else min(self._page_size, limit - len(rows))
+                want = self._page_size if limit is None else min(self._page_size, limit - len(found))
                 query = self._client.table("session_events").select(_EVENT_COLUMNS).eq("session_id", session_id)
                 query = query.gt("id", after)
                 if before is not None:
@@ -192,24 +172,26 @@ class SupabaseStore:
                 if types is not None:
                     query = query.in_("event_type", list(types))
                 page: list[Any] = (await query.order("id", desc=newest_first).limit(want).execute()).data
-                rows.extend(page)
-                if len(page) < want or (limit is not None and len(rows) >= limit):
+                found.extend(page)
+                if len(page) < want or (limit is not None and len(found) >= limit):
                     break
                 if newest_first:
                     before = page[-1]["id"]
                 else:
                     after = page[-1]["id"]
             if newest_first:
-                rows.reverse()
-            return [_event(r) for r in rows]
+                found.reverse()
+            return [rows.record(StoredEvent, r) for r in found]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         params = {"p_session_id": session_id}
-        return await self._rpc("chat_session", params, lambda row: None if row is None else rows.session(row))
+        return await self._rpc(
+            "chat_session", params, lambda row: None if row is None else rows.record(SessionRecord, row)
+        )
 
     async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
         params = {"p_limit": limit, "p_owner_id": owner_id}
-        return await self._rpc("chat_sessions", params, lambda found: [rows.session(r) for r in found])
+        return await self._rpc("chat_sessions", params, lambda found: [rows.record(SessionRecord, r) for r in found])
 
     async def end_session(self, session_id: str, *, end_time: datetime) -> None:
         with _mapped_errors():
