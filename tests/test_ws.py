@@ -151,7 +151,13 @@ async def test_a_retried_client_msg_id_is_acknowledged_but_not_stored_or_answere
 
     await send_json(ws, type="message", text="Only once, please", client_msg_id="retry-me")
     ack = await receive(ws)
-    assert ack == {"type": "message.stored", "id": user_id, "role": "user", "client_msg_id": "retry-me"}
+    assert ack == {
+        "type": "message.stored",
+        "id": user_id,
+        "role": "user",
+        "client_msg_id": "retry-me",
+        "text": "Only once, please",
+    }
     await ws.close()
 
     # Also after a reconnect, when the retry comes from a fresh socket.
