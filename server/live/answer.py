@@ -7,19 +7,16 @@ import time
 from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from core.errors import LLMError
 from core.llm import LLM, ChatMessage, StreamStats
 
 from .. import protocol
 from ..metrics import Metrics
+from .audience import Audience
 
 log = logging.getLogger(__name__)
-
-
-class Audience(Protocol):
-    async def send(self, frame: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -54,7 +51,7 @@ async def stream(
     The hot path: per piece one append, one frame and one send that normally completes without suspending.
     A delta's `seq` is the number of pieces so far, so a catch-up can say how far it goes.
     """
-    delta, rid, parts, send = protocol.response_delta, answer.response_id, answer.parts, audience.send
+    delta, rid, parts = protocol.response_delta, answer.response_id, answer.parts
     room = max_chars
     async with aclosing(llm.stream(messages, answer.stats)) as pieces:
         async for piece in pieces:
@@ -64,7 +61,12 @@ async def stream(
                 answer.truncated = True
             if piece:
                 parts.append(piece)
-                await send(delta(rid, piece, len(parts)))
+                # Read per piece, so a connection that joins gets the next one; one member is the common case.
+                everyone = audience.everyone
+                if len(everyone) == 1:
+                    await everyone[0].send(delta(rid, piece, len(parts)))
+                else:
+                    await audience.send(delta(rid, piece, len(parts)))
             if answer.first_delta_at is None:
                 # The relay's added latency is measured up to here.
                 answer.first_delta_at = time.time()

@@ -264,7 +264,8 @@ class Conversation:
         if client_msg_id is not None:
             self._client_msgs[client_msg_id] = stored.result()
         # The sender is acknowledged by its connection; watchers see the message it sent.
-        self.audience.put_watchers(protocol.user_message_stored(stored.result(), client_msg_id, text))
+        if self.audience.watchers:
+            self.audience.put_watchers(protocol.user_message_stored(stored.result(), client_msg_id, text))
 
 
 class StoredNotAnswered(ProtocolError):

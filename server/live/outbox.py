@@ -66,7 +66,20 @@ class Outbox:
             # Behind a send that waits, or frames `put` just queued: whoever sends the queue keeps the order.
             self._enqueue(frame)
             return
-        await self._flush(frame)
+        ws = self._ws
+        if ws.closed:
+            return
+        # The hot path, inline: one frame written, nothing queued behind it.
+        self._sending = True
+        self._sends += 1
+        try:
+            await ws.send_frame(frame, WSMsgType.TEXT)
+        except _SEND_ERRORS:
+            self._drop_queue()
+        finally:
+            self._sending = False
+        if self._queue:
+            await self._flush(None)
 
     def put(self, frame: bytes) -> None:
         """Queue a frame without waiting (acknowledgements, errors, a catch-up); it keeps its order with the
