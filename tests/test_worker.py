@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -431,3 +432,16 @@ async def test_the_worker_reports_its_jobs_on_metrics_and_answers_arq_check(clie
         with contextlib.suppress(asyncio.CancelledError):
             await running
         await worker.close()
+
+
+def test_by_default_a_dead_servers_session_is_ended_within_about_a_minute():
+    """The hold expires (PRESENCE_TTL_S), the session is quiet for SESSION_STALE_S, and the next sweep ends it: the
+    killed-server test above runs that path with short times; these are the times a deployment gets."""
+    from core.settings import Settings
+
+    settings = Settings()
+    [sweep] = worker_options(settings)["cron_jobs"]
+    ticks = sorted(sweep.second)
+    ticks.append(ticks[0] + 60)
+    gap = max(b - a for a, b in itertools.pairwise(ticks))
+    assert settings.presence_ttl_s + settings.session_stale_s + gap <= 60
