@@ -139,13 +139,15 @@ class Server:
 async def serve(
     settings: Settings, fake_llm: fake.FakeOpenAI, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
-    """Start a real server against the test services; keyword arguments are extra environment variables."""
+    """Start a real server against the test services; keyword arguments are extra environment variables.
+
+    The page is a 1.1 client: its server runs the 1.1 default, where a closed socket does not stop the answer."""
     servers: list[Server] = []
     log = tmp_path / "server.log"
     failures_before = request.session.testsfailed
 
     async def start(**env: str) -> Server:
-        server = Server(settings, log, {"SHUTDOWN_DRAIN_S": "10", **env})
+        server = Server(settings, log, {"SHUTDOWN_DRAIN_S": "10", "ON_DISCONNECT": "continue", **env})
         servers.append(server)
         await server.start()
         return server
@@ -324,10 +326,19 @@ async def test_a_reload_with_the_same_id_brings_the_conversation_back_on_a_phone
     before = await said(page).all_text_contents()
     assert len(before) == 4
 
-    # Same address, same session id; Enter in the id field connects, keyboard only.
+    # A reload while connected comes back to the same session by itself.
     await page.reload()
     id_field = page.get_by_label("Session id", exact=True)
     await expect(id_field).to_have_value(session_id)
+    await expect(status(page)).to_contain_text("session resumed")
+    await expect(said(page)).to_have_text(before)
+
+    # After Disconnect a reload keeps the id but waits; Enter in the id field connects, keyboard only.
+    await button(page, "Disconnect").click()
+    await expect(status(page)).to_have_text("Disconnected")
+    await page.reload()
+    await expect(id_field).to_have_value(session_id)
+    await expect(status(page)).to_have_text("Disconnected")
     await id_field.press("Enter")
     await expect(status(page)).to_contain_text("session resumed")
     await expect(said(page)).to_have_text(before)
@@ -337,6 +348,113 @@ async def test_a_reload_with_the_same_id_brings_the_conversation_back_on_a_phone
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     for name in ("Send", "Disconnect"):
         assert await button(page, name).is_visible()
+
+
+async def test_a_reload_in_the_middle_of_a_long_answer_shows_the_whole_answer_once(
+    page: Page, serve: Any, fake_llm: Any
+) -> None:
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    fake_llm.script(fake.slow(0.08, text=STORY))
+    server = await serve()
+    session_id = await connect(page, server)
+    box = message_box(page)
+    await box.fill("Plan my Lisbon trip")
+    await box.press("Enter")
+    before = await streaming_text(page)
+
+    # The reload reconnects by itself, says which piece of the answer it holds, and streams on in the same bubble.
+    await page.reload()
+    await expect(page.get_by_label("Session id", exact=True)).to_have_value(session_id)
+    after = await streaming_text(page)
+    assert STORY.startswith(after) and len(after) >= len(before), (before, after)
+    answer = page.locator("#log .msg.assistant")
+    await expect(answer.locator(".text")).to_have_text(STORY)
+    await expect(answer).to_have_attribute("data-id", re.compile(r"\d+"))
+    await expect(said(page)).to_have_text(["Plan my Lisbon trip", STORY])
+    assert re.search(r"[?&]resume=[^&]+%3A[1-9]\d*$", sockets[-1]), sockets
+
+    # Another reload, the answer stored: the conversation once more, as it is stored.
+    await page.reload()
+    await expect(status(page)).to_contain_text("session resumed")
+    await expect(said(page)).to_have_text(["Plan my Lisbon trip", STORY])
+    assert "resume=" not in sockets[-1]
+
+
+async def test_a_dropped_socket_mid_answer_picks_the_answer_up_where_it_was(
+    page: Page, serve: Any, fake_llm: Any
+) -> None:
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    fake_llm.script(fake.slow(0.08, text=STORY))
+    server = await serve()
+    await connect(page, server)
+    box = message_box(page)
+    await box.fill("Plan my Lisbon trip")
+    await box.press("Enter")
+    await streaming_text(page)
+
+    # The socket drops: as the page's own watchdog does with a socket silent for too long (the close arrives
+    # later or never). The answer goes on at the server meanwhile.
+    await page.evaluate("() => { const ws = state.ws; state.ws = null; ws.close(); onClosed(1006); }")
+    await expect(page.locator("#log .note", has_text="Reconnected")).to_have_count(1)
+    answer = page.locator("#log .msg.assistant")
+    await expect(answer.locator(".text")).to_have_text(STORY)
+    await expect(answer).to_have_attribute("data-id", re.compile(r"\d+"))
+    await expect(answer.locator(".meta")).not_to_contain_text("stopped")
+    await expect(said(page)).to_have_text(["Plan my Lisbon trip", STORY])
+    assert re.search(r"[?&]resume=[^&]+%3A\d+$", sockets[-1]), sockets
+
+
+async def test_another_tab_takes_the_session_over_mid_answer_and_shows_all_of_it(
+    page: Page, serve: Any, fake_llm: Any
+) -> None:
+    fake_llm.script(fake.slow(0.08, text=STORY))
+    server = await serve()
+    session_id = await connect(page, server)
+    box = message_box(page)
+    await box.fill("Plan my Lisbon trip")
+    await box.press("Enter")
+    await streaming_text(page)
+
+    # A second tab opens the same session: it gets the text so far in one piece, then the rest, once.
+    other = await page.context.new_page()
+    await other.goto(f"{server.url}#{session_id}")
+    await button(other, "Connect").click()
+    await expect(status(page)).to_contain_text("open in another tab")
+    await expect(page.locator("#log .msg.assistant .meta")).to_contain_text("goes on in the other tab")
+    await expect(said(other)).to_have_text(["Plan my Lisbon trip", STORY])
+    await expect(other.locator("#log .msg.assistant")).to_have_attribute("data-id", re.compile(r"\d+"))
+
+
+async def test_a_stopped_answer_shows_as_stopped_after_a_reload_and_in_the_session_viewer(
+    page: Page, serve: Any, fake_llm: Any
+) -> None:
+    fake_llm.script(fake.slow(0.15, text=STORY))
+    server = await serve()
+    session_id = await connect(page, server)
+    box = message_box(page)
+    await box.fill("Plan my Lisbon trip")
+    await box.press("Enter")
+    await streaming_text(page)
+    await button(page, "Stop").click()
+    stopped = page.locator("#log .msg.assistant")
+    await expect(stopped.locator(".meta")).to_contain_text(re.compile(r"stopped · .* · saved #\d+"))
+    stopped_at = await stopped.locator(".text").text_content()
+    assert stopped_at and len(stopped_at) < len(STORY)
+
+    await page.reload()
+    await expect(status(page)).to_contain_text("session resumed")
+    await expect(said(page)).to_have_text(["Plan my Lisbon trip", stopped_at])
+    await expect(stopped).to_have_class(re.compile(r"\bcancelled\b"))
+    await expect(stopped.locator(".meta")).to_contain_text(re.compile(r"stopped · .* · saved #\d+"))
+
+    await button(page, f"Open session {session_id}").click()
+    dialog = page.get_by_role("dialog")
+    in_viewer = dialog.locator(".msg.assistant")
+    await expect(in_viewer.locator(".text")).to_have_text(stopped_at)
+    await expect(in_viewer).to_have_class(re.compile(r"\bcancelled\b"))
+    await expect(in_viewer.locator(".meta")).to_contain_text("stopped")
 
 
 async def test_the_page_resumes_after_the_server_goes_away_without_showing_anything_twice(

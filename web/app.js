@@ -13,6 +13,11 @@ const SUMMARY_POLL = { firstMs: 400, capMs: 5000, forMs: 120000 };
 // A socket that answers nothing (not even our pings) for this long is treated as dropped.
 const PING_EVERY_MS = 25000;
 const SILENT_FOR_MS = 40000;
+// What a stored answer's status looks like in the conversation; `completed` needs no word.
+const STATUS_LABELS = { cancelled: "stopped", failed: "failed", interrupted: "interrupted" };
+// Per tab (a reload keeps it, another tab does not share it): whether this tab was connected, to which session,
+// and the answer it was streaming, so that a reload reconnects by itself and goes on from where it was.
+const SAVED_KEY = "realtime-ai-page";
 const CLOSE_REASONS = {
   1001: "the server is restarting",
   1005: "no close code",
@@ -68,8 +73,10 @@ const state = {
   cursor: 0, // the largest stored id seen: the `after=` of a reconnect
   shown: new Set(), // stored ids in the log: what makes a message appear once, whatever is replayed
   outbox: new Map(), // client_msg_id -> {frame, el}: sent or queued, not yet stored
-  answers: new Map(), // response_id -> {el, label}: answers not yet stored
-  streaming: null, // the response_id being streamed now
+  answers: new Map(), // response_id -> {el, label, seq}: answers not yet stored; seq: the last delta's `seq` held
+  streaming: null, // the response_id being streamed now (still set while a dropped socket reconnects)
+  resumeAsked: null, // {response_id, seq}: the `resume=` of the current socket
+  restore: null, // {response_id, seq, text}: the answer a reload interrupted, shown again once the server confirms it
   visit: null, // {previousSummary: Promise, changed, connected}: this Connect's story, for notes and the summary
   summaryPoll: 0, // bumped to stop a running poll
   sessionsLoad: 0, // bumped so that only the latest list is drawn
@@ -145,7 +152,7 @@ function updateControls() {
   ui.sessionId.readOnly = state.wanted;
   ui.message.disabled = !state.wanted;
   ui.send.disabled = !state.wanted;
-  ui.stop.hidden = !state.streaming;
+  ui.stop.hidden = !(state.streaming && state.ready);
   // Never strand keyboard focus on a control that just vanished or was disabled (Stop, Disconnect, Send…).
   if (focused && focused !== document.body && (focused.disabled || focused.hidden)) {
     (state.wanted ? ui.message : ui.connect).focus();
@@ -216,12 +223,21 @@ function markStored(li, id, label = "", at = "") {
   return true;
 }
 
+// A stored answer that did not complete says so: a class for the look, a word in its meta line.
+function markStatus(li, status) {
+  if (!STATUS_LABELS[status]) return "";
+  li.classList.add(status);
+  return STATUS_LABELS[status];
+}
+
+function showStored(item) {
+  if (state.shown.has(item.id)) return;
+  const li = appendToLog(messageItem(item.role, item.text));
+  markStored(li, item.id, markStatus(li, item.status), item.created_at);
+}
+
 function renderHistory(items) {
-  for (const item of items) {
-    if (state.shown.has(item.id)) continue;
-    const li = appendToLog(messageItem(item.role, item.text));
-    markStored(li, item.id, "", item.created_at);
-  }
+  for (const item of items) showStored(item);
 }
 
 // Screen readers get the streamed answer a sentence at a time, through the live region.
@@ -284,11 +300,22 @@ function onReady(event) {
     state.resumed = event.resumed;
     state.visit.previousSummary = previousSummary(event.resumed);
   }
-  // Answers never confirmed as stored: their stored version, if any, is in this history.
-  for (const answer of state.answers.values()) answer.el.remove();
-  state.answers.clear();
-  state.streaming = null;
+  // Answers never confirmed as stored are in this history (or their message.stored follows), except the one
+  // still running: that one stays, and goes on after what it holds (the `resume=` of this socket).
+  const active = event.active_response?.response_id ?? null;
+  for (const [responseId, answer] of state.answers) {
+    if (responseId === active) continue;
+    answer.el.remove();
+    state.answers.delete(responseId);
+  }
+  if (state.restore && state.restore.response_id === active && !state.answers.has(active)) {
+    state.answers.set(active, { el: messageItem("assistant", state.restore.text), label: "", seq: state.restore.seq });
+  }
+  state.restore = null;
+  state.streaming = state.answers.has(active) ? active : null;
   renderHistory(event.history);
+  // The running answer is stored when it ends: after everything in the history.
+  if (state.streaming) appendToLog(state.answers.get(state.streaming).el);
   // Messages not confirmed as stored go again under their client_msg_id: the server stores and answers each
   // once, and only acknowledges one it already has.
   for (const entry of state.outbox.values()) {
@@ -302,12 +329,20 @@ function onReady(event) {
 }
 
 function onStarted(event) {
-  const li = appendToLog(messageItem("assistant", ""));
-  li.classList.add("pending", "streaming");
-  setMeta(li, "answering…");
-  state.answers.set(event.response_id, { el: li, label: "" });
+  let answer = state.answers.get(event.response_id);
+  if (!answer) {
+    answer = { el: appendToLog(messageItem("assistant", "")), label: "", seq: 0 };
+    state.answers.set(event.response_id, answer);
+    state.speech = "";
+  } else if (!(event.resumed && state.resumeAsked?.response_id === event.response_id)) {
+    // Joined without saying what we hold: the catch-up is the whole text so far, so it replaces ours.
+    textOf(answer.el).textContent = "";
+    answer.seq = 0;
+    state.speech = "";
+  }
+  answer.el.classList.add("pending", "streaming");
+  setMeta(answer.el, "answering…");
   state.streaming = event.response_id;
-  state.speech = "";
   showConnected();
   updateControls();
 }
@@ -315,6 +350,11 @@ function onStarted(event) {
 function onDelta(event) {
   const answer = state.answers.get(event.response_id);
   if (!answer) return;
+  if (typeof event.seq === "number") {
+    // Already held (sent again by a catch-up): dropped, so no text ever shows twice.
+    if (event.seq <= answer.seq) return;
+    answer.seq = event.seq;
+  }
   const follow = nearBottom(ui.log);
   textOf(answer.el).append(event.delta); // a Text node: the model's text is never HTML
   if (follow) ui.log.scrollTop = ui.log.scrollHeight;
@@ -336,6 +376,10 @@ function onDone(event) {
     answer.label = "stopped";
     speakRest();
     announce("Answer stopped.");
+  } else if (event.status === "interrupted") {
+    answer.label = "interrupted: the server stopped before the answer ended";
+    speakRest();
+    announce("The answer was interrupted.");
   } else {
     speakRest();
   }
@@ -347,18 +391,17 @@ function onDone(event) {
 
 function onStored(event) {
   state.visit.changed = true;
-  if (event.role === "user") {
-    const entry = state.outbox.get(event.client_msg_id);
-    noteCursor(event.id);
-    if (!entry) return;
-    state.outbox.delete(event.client_msg_id);
-    markStored(entry.el, event.id);
+  const pending = event.role === "user" ? state.outbox : state.answers;
+  const key = event.role === "user" ? event.client_msg_id : event.response_id;
+  const entry = pending.get(key);
+  if (entry) {
+    pending.delete(key);
+    markStored(entry.el, event.id, entry.label || markStatus(entry.el, event.status));
+  } else if (typeof event.text === "string") {
+    // Stored while we were away (an answer that ended between two sockets): shown from what the event says.
+    showStored({ ...event, created_at: "" });
   } else {
-    const answer = state.answers.get(event.response_id);
     noteCursor(event.id);
-    if (!answer) return;
-    state.answers.delete(event.response_id);
-    markStored(answer.el, event.id, answer.label);
   }
 }
 
@@ -382,6 +425,10 @@ function socketUrl() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   const query = new URLSearchParams();
   if (state.cursor > 0) query.set("after", String(state.cursor));
+  // In the middle of an answer: the server's catch-up then starts after the last piece we hold.
+  const open = state.answers.get(state.streaming);
+  state.resumeAsked = open ? { response_id: state.streaming, seq: open.seq } : state.restore;
+  if (state.resumeAsked) query.set("resume", `${state.resumeAsked.response_id}:${state.resumeAsked.seq}`);
   if (ACCESS_TOKEN) query.set("access_token", ACCESS_TOKEN);
   const search = query.toString() ? `?${query}` : "";
   return `${proto}//${location.host}/ws/session/${encodeURIComponent(state.sessionId)}${search}`;
@@ -419,27 +466,34 @@ function onClosed(code) {
   state.ws = null;
   state.ready = false;
   clearInterval(state.pingTimer);
-  interruptAnswer();
   if (!state.wanted) {
     finishDisconnect();
   } else if (code === 4000) {
+    stopFollowing("goes on in the other tab");
     giveUp("Disconnected: the session is open in another tab", "This session was opened in another tab or window, " +
       "which took it over. Press Connect here to take it back.");
   } else if (!RETRY_CODES.has(code)) {
+    stopFollowing("the connection closed before the end");
     giveUp("Disconnected", `The connection closed (${describeClose(code)}). Press Connect to continue.`);
   } else if (state.attempt >= RETRY.maxAttempts) {
+    stopFollowing("the connection closed before the end");
     giveUp("Disconnected: could not reconnect", "Could not reconnect. Press Connect to try again.");
   } else {
+    // The answer goes on at the server: the next socket picks it up where this one left it.
+    const answer = state.answers.get(state.streaming);
+    if (answer) setMeta(answer.el, "reconnecting…");
     scheduleRetry(code);
   }
+  saveVisit();
 }
 
-function interruptAnswer() {
+// This page no longer follows the answer it was streaming (the answer itself may well go on at the server).
+function stopFollowing(why) {
   const answer = state.answers.get(state.streaming);
   state.streaming = null;
   if (!answer) return;
   answer.el.classList.remove("streaming");
-  setMeta(answer.el, "interrupted");
+  setMeta(answer.el, why);
 }
 
 // Exponential backoff with "equal jitter": never sooner than half the step, so a restarted server is not
@@ -482,7 +536,7 @@ function dropOutbox() {
   state.outbox.clear();
 }
 
-function connect() {
+function connect({ restore = null } = {}) {
   const id = ui.sessionId.value.trim();
   if (!SESSION_ID_RE.test(id)) {
     ui.sessionId.setAttribute("aria-invalid", "true");
@@ -493,7 +547,9 @@ function connect() {
   ui.sessionId.removeAttribute("aria-invalid");
   ui.sessionHint.textContent = "A fresh id starts a new conversation; type an old one to resume it.";
   resetConversation(id);
+  state.restore = restore;
   state.wanted = true;
+  saveVisit();
   // The id goes in the address: a reload (or a bookmark) comes back to this conversation.
   history.replaceState(null, "", `#${encodeURIComponent(id)}`);
   setStatus("connecting", "Connecting…");
@@ -514,6 +570,8 @@ function resetConversation(id) {
     model: "",
     resumed: false,
     streaming: null,
+    resumeAsked: null,
+    restore: null,
     visit: { previousSummary: null, changed: false, connected: false },
   });
   state.shown.clear();
@@ -533,7 +591,9 @@ function disconnect() {
 }
 
 function finishDisconnect() {
+  stopFollowing("disconnected before the end: the server finishes it, and it will be in this session");
   dropOutbox();
+  saveVisit();
   setStatus("idle", "Disconnected");
   updateControls();
   if (state.visit && (state.shown.size > 0 || state.visit.changed)) pollSummary(state.sessionId, state.visit);
@@ -642,7 +702,8 @@ async function openViewer(sessionId) {
     ui.viewerSummary.textContent = session.summary || "No summary yet.";
     for (const event of session.events) {
       const li = messageItem(event.role, event.text);
-      setMeta(li, `${formatTime(event.created_at)} · saved #${event.id}`);
+      const label = markStatus(li, event.status);
+      setMeta(li, [label, formatTime(event.created_at), `saved #${event.id}`].filter(Boolean).join(" · "));
       ui.viewerLog.append(li);
     }
   } catch (e) {
@@ -705,6 +766,34 @@ function onMessageKey(event) {
   }
 }
 
+// A reload comes back to where it was.
+
+function saveVisit() {
+  const answer = state.answers.get(state.streaming);
+  const saved = {
+    sessionId: state.sessionId,
+    wanted: state.wanted,
+    answer: answer ? { response_id: state.streaming, seq: answer.seq, text: textOf(answer.el).textContent } : null,
+  };
+  try {
+    sessionStorage.setItem(SAVED_KEY, JSON.stringify(saved));
+  } catch {
+    // Storage off or full: a reload then just does not reconnect by itself.
+  }
+}
+
+function savedVisit() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(SAVED_KEY) || "null");
+    const answer = saved?.answer;
+    const valid = answer && typeof answer.response_id === "string" && Number.isInteger(answer.seq) &&
+      typeof answer.text === "string";
+    return saved && { sessionId: saved.sessionId, wanted: saved.wanted === true, answer: valid ? answer : null };
+  } catch {
+    return null;
+  }
+}
+
 // Wiring.
 
 function sessionIdInAddress() {
@@ -728,6 +817,8 @@ function start() {
     ui.sessionId.focus();
   });
   ui.disconnect.addEventListener("click", disconnect);
+  // pagehide, not beforeunload: it also fires when a phone's browser puts the tab away.
+  window.addEventListener("pagehide", saveVisit);
   ui.messageForm.addEventListener("submit", sendMessage);
   ui.message.addEventListener("keydown", onMessageKey);
   ui.stop.addEventListener("click", stopAnswer);
@@ -742,6 +833,9 @@ function start() {
     }
   });
   loadSessions();
+  // This tab was connected to this session before the reload: connect again, and pick up a running answer.
+  const saved = savedVisit();
+  if (fromAddress && saved?.wanted && saved.sessionId === fromAddress) connect({ restore: saved.answer });
 }
 
 start();
