@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 SUMMARIZE_JOB: Final = "summarize_session"
 SWEEP_JOB: Final = "sweep_sessions"
+RECOVER_JOB: Final = "recover_answers"
 HELD_PREFIX: Final = "rt:held:"
 
 

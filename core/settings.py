@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     summary_job_timeout_s: PositiveFloat = 300.0
     session_stale_s: PositiveFloat = 30.0
     takeover_wait_s: PositiveFloat = 5.0
+    # A running answer's lease in Redis: its server renews it; past it (the server died) the worker stores the
+    # text streamed so far as `interrupted` within a few seconds more.
+    answer_lease_s: PositiveFloat = 5.0
     presence_ttl_s: PositiveFloat = 15.0
     worker_metrics_port: PortOrOff = 9191
     sweep_batch: PositiveInt = 200

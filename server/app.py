@@ -38,6 +38,7 @@ from .keys import (
 )
 from .live.admission import Admission
 from .live.attach import Attacher
+from .live.broker import Broker
 from .live.conversation import Conversation
 from .live.lifecycle import Lifecycle
 from .live.presence import Presence
@@ -110,24 +111,35 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     eventlog = EventLog(store, metrics, settings)
     presence = Presence(redis, ttl_s=settings.presence_ttl_s, takeover_wait_s=settings.takeover_wait_s)
     llm = app[LLM_CLIENT]
+    broker = Broker(redis, server_id=presence.server_id, lease_s=settings.answer_lease_s)
 
     def make_session(session_id: str) -> Session:
         writer = eventlog.writer()
-        conversation = Conversation(session_id, writer=writer, llm=llm, settings=settings, metrics=metrics)
+        conversation = Conversation(
+            session_id, writer=writer, llm=llm, settings=settings, metrics=metrics, broker=broker
+        )
         return Session(session_id, writer=writer, conversation=conversation)
 
-    lifecycle: Lifecycle | None = None
-    registry = Registry(make_session, on_idle=lambda session: lifecycle.session_idle(session))  # type: ignore[union-attr]
+    def idle(session: Session) -> None:
+        lifecycle.session_idle(session)
+
+    registry = Registry(
+        make_session,
+        on_idle=idle,
+        on_handed_over=presence.release,
+        stop_on_takeover=settings.on_disconnect == "cancel",
+    )
     lifecycle = Lifecycle(registry, eventlog, store, JobQueue(redis, registry=metrics.registry), presence, settings)
     user_rate = UserRateLimiter(redis, settings.user_messages_per_minute)
     presence.on_release_request(registry.release_request)
+    presence.on_cancel_request(registry.cancel_request)
     eventlog.start()
     background = TaskSet()
     background.spawn(presence.run(), name="presence")
     background.spawn(registry.sweep_stalled(), name="stalled-sockets")
     app[PRESENCE], app[REGISTRY], app[LIFECYCLE], app[USER_RATE] = presence, registry, lifecycle, user_rate
     app[ADMISSION] = Admission(settings, user_rate)
-    app[ATTACHER] = Attacher(store, eventlog, presence, settings)
+    app[ATTACHER] = Attacher(store, eventlog, presence, settings, broker=broker)
     yield
     # Runs after on_shutdown closed the sockets: give their last writes time to land before the store closes.
     await lifecycle.close(within_s=settings.shutdown_flush_s)

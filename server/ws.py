@@ -158,6 +158,8 @@ async def _watch(
 
     serving = False
     try:
+        # What other servers do with the session reaches this watcher through Redis.
+        await app[ATTACHER].follow(session)
         ws, conn = await _accept(request, session, identity, watch=True)
         serving = True
         await _serve(

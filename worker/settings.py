@@ -7,10 +7,11 @@ from typing import Any
 from arq import cron, func
 from arq.connections import RedisSettings
 
-from core.jobs import SUMMARIZE_JOB, SWEEP_JOB
+from core.jobs import RECOVER_JOB, SUMMARIZE_JOB, SWEEP_JOB
 from core.settings import Settings
 
 from .jobs import shutdown, startup, summarize_session, sweep_sessions
+from .recovery import recover_answers
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -26,6 +27,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             ),
             # Also callable on demand, e.g. right after an outage.
             func(sweep_sessions, name=SWEEP_JOB, max_tries=1, timeout=settings.summary_job_timeout_s),
+            func(recover_answers, name=RECOVER_JOB, max_tries=1, timeout=60),
         ],
         # Every 15 s, on every worker; `unique` lets only one of them run each round. Often enough that a session of
         # a dead server is ended and summarised within about a minute (SESSION_STALE_S of quiet, then one round).
@@ -36,7 +38,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
                 second={0, 15, 30, 45},
                 run_at_startup=True,
                 unique=True,
-            )
+            ),
+            # Every 5 s: an answer whose server died (its lease gone) is stored within ANSWER_LEASE_S + 5 s.
+            cron(recover_answers, name="recover_answers_cron", second=set(range(0, 60, 5)), unique=True),
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from core.errors import LLMError
 from core.llm import LLM, ChatMessage, StreamStats
@@ -43,8 +43,18 @@ class Answer:
         return "".join(self.parts)
 
 
+class Publisher(Protocol):
+    def delta(self) -> None: ...
+
+
 async def stream(
-    llm: LLM, messages: Sequence[ChatMessage], answer: Answer, audience: Audience, *, max_chars: int
+    llm: LLM,
+    messages: Sequence[ChatMessage],
+    answer: Answer,
+    audience: Audience,
+    publisher: Publisher | None,
+    *,
+    max_chars: int,
 ) -> None:
     """Relay the model's pieces as `response.delta` frames; an answer longer than `max_chars` is cut there.
 
@@ -67,6 +77,8 @@ async def stream(
                     await everyone[0].send(delta(rid, piece, len(parts)))
                 else:
                     await audience.send(delta(rid, piece, len(parts)))
+                if publisher is not None:
+                    publisher.delta()
             if answer.first_delta_at is None:
                 # The relay's added latency is measured up to here.
                 answer.first_delta_at = time.time()

@@ -11,6 +11,8 @@ from core.settings import Settings
 from core.store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
 
 from ..eventlog import EventLog
+from .broker import Broker
+from .follow import Follower
 from .presence import Presence
 from .session import Session
 
@@ -18,7 +20,10 @@ from .session import Session
 class Attacher:
     """The takeover protocol, run under `session.lock` before a new socket is accepted."""
 
-    def __init__(self, store: Store, eventlog: EventLog, presence: Presence, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, eventlog: EventLog, presence: Presence, settings: Settings, *, broker: Broker | None
+    ) -> None:
+        self._broker = broker
         self._store = store
         self._eventlog = eventlog
         self._presence = presence
@@ -35,7 +40,25 @@ class Attacher:
         await self._presence.claim(session.id)
         if session.holder is not None:
             await session.holder.replace(stop_answer=self._settings.on_disconnect == "cancel")
-        return await self._open(session, owner_id=user_id)
+        opened = await self._open(session, owner_id=user_id)
+        await self.follow(session)
+        return opened
+
+    async def follow(self, session: Session) -> None:
+        """If another server generates an answer for this session (or a watcher wants what others do), follow its
+        stream, so connections here see it live."""
+        if self._broker is None or session.follower is not None or session.conversation.current is not None:
+            return
+        follower = Follower(self._broker, session, reload=self.reload)
+        await follower.start()
+        if follower.task is not None:
+            session.follower = follower
+
+    async def reload(self, session: Session) -> None:
+        """The context again from the store, once another server stored the answer it generated."""
+        async with asyncio.timeout(self._settings.store_connect_timeout_s):
+            history = await self._store.events(session.id, types=MESSAGE_TYPES, limit=self._settings.history_limit)
+        session.conversation.reload(history)
 
     async def _check_owner(self, session: Session, user_id: str) -> None:
         """A session with no owner, made while authentication was off, belongs to nobody."""

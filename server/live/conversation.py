@@ -9,12 +9,14 @@ import logging
 import secrets
 from collections import deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import LLMError, ProtocolError
+from core.livestream import AnswerSoFar
 from core.llm import LLM
 from core.settings import Settings
 from core.store import AI_MESSAGE, USER_MESSAGE, NewEvent, StoredEvent
+from core.tasks import TaskSet
 
 from .. import protocol
 from ..eventlog import EventWriter
@@ -23,6 +25,9 @@ from . import answer as answers
 from .answer import Answer, Turn
 from .audience import Audience, Sink
 from .context import Context
+
+if TYPE_CHECKING:
+    from .broker import Broker
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,22 @@ class Conversation:
     finish and starts no other; `interrupt` ends it as `interrupted` (shutdown past its drain time).
     """
 
-    def __init__(self, session_id: str, *, writer: EventWriter, llm: LLM, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        writer: EventWriter,
+        llm: LLM,
+        settings: Settings,
+        metrics: Metrics,
+        broker: Broker | None = None,
+    ) -> None:
         self.session_id = session_id
+        self._broker = broker
+        self._publisher = None if broker is None else broker.publisher(session_id)
+        # The answer another server generates for this session now, as its stream tells it (see follow.py).
+        self.remote: AnswerSoFar | None = None
+        self._tasks = TaskSet()
         self._writer = writer
         self._llm = llm
         self._settings = settings
@@ -61,6 +80,11 @@ class Conversation:
         self.last_message: asyncio.Future[int] | None = None
         self._last_answer: tuple[int, bytes] | None = None
 
+    def reload(self, history: list[StoredEvent]) -> None:
+        """The context rebuilt from the store (another server answered meanwhile)."""
+        self.context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
+        self.context.load(history)
+
     def load(self, history: list[StoredEvent], *, turns: int) -> None:
         self.context.load(history)
         for event in history:
@@ -70,7 +94,11 @@ class Conversation:
 
     @property
     def busy(self) -> bool:
-        return self._task is not None or bool(self._waiting)
+        return self._task is not None or bool(self._waiting) or self.remote is not None
+
+    @property
+    def current(self) -> tuple[Turn, Answer] | None:
+        return self._current
 
     async def quiet(self) -> None:
         """Return once no answer is running and none is waiting."""
@@ -79,7 +107,10 @@ class Conversation:
     def active_response(self) -> dict[str, Any] | None:
         """The answer being generated now, as `session.ready` names it."""
         if self._current is None:
-            return None
+            remote = self.remote
+            if remote is None or remote.done is not None:
+                return None
+            return {"response_id": remote.response_id, "client_msg_id": remote.client_msg_id, "seq": remote.seq}
         turn, answer = self._current
         return {"response_id": answer.response_id, "client_msg_id": turn.client_msg_id, "seq": len(answer.parts)}
 
@@ -90,14 +121,22 @@ class Conversation:
         sent as its `message.stored`."""
         if self._last_answer is not None and self._last_answer[0] > history_through:
             sink.put(self._last_answer[1])
-        if self._current is None:
+        if self._current is not None:
+            turn, answer = self._current
+            rid, cmid, parts, seq = answer.response_id, turn.client_msg_id, answer.parts, len(answer.parts)
+        elif self.remote is not None and self.remote.done is None:
+            rid, cmid, parts, seq = (
+                self.remote.response_id,
+                self.remote.client_msg_id,
+                self.remote.parts,
+                self.remote.seq,
+            )
+        else:
             return
-        turn, answer = self._current
-        held = resume[1] if resume is not None and resume[0] == answer.response_id else 0
-        sink.put(protocol.response_started(answer.response_id, turn.client_msg_id, resumed=True))
-        parts = answer.parts
-        if len(parts) > held:
-            sink.put(protocol.response_delta(answer.response_id, "".join(parts[held:]), len(parts)))
+        held = resume[1] if resume is not None and resume[0] == rid else 0
+        sink.put(protocol.response_started(rid, cmid, resumed=True))
+        if seq > held:
+            sink.put(protocol.response_delta(rid, "".join(parts[held:]), seq))
 
     def known(self, client_msg_id: str | None) -> int | asyncio.Future[int] | None:
         """The stored id (or its pending write) of a message already accepted under this client_msg_id."""
@@ -126,18 +165,36 @@ class Conversation:
         if self._stopping:
             return stored
         self._waiting.append(Turn(text, client_msg_id, received_at))
-        if self._task is None:
+        if self._task is None and self.remote is None:
             self._next()
         return stored
 
     def cancel(self) -> None:
-        """Stop the answer streaming now, if any; its `response.done` says `cancelled`."""
+        """Stop the answer streaming now, if any, here or on the server that generates it; its `response.done`
+        says `cancelled`."""
         if self._task is None:
+            if self.remote is not None and self._broker is not None:
+                self._tasks.spawn(self._broker.cancel(self.session_id, self.remote.response_id))
             return
         if self._streaming:
             self._task.cancel()
         else:
             self._cancel_asked = True
+
+    def cancel_response(self, response_id: str) -> None:
+        """Another server's connection cancelled this session's answer."""
+        if self._current is not None and self._current[1].response_id == response_id:
+            self.cancel()
+
+    def hand_over(self) -> None:
+        """Another server holds the session now: the answer in flight finishes here, nothing else starts."""
+        self._waiting.clear()
+
+    def remote_finished(self) -> None:
+        """The other server's answer is stored (and the context reloaded): what waits here is answered now."""
+        self.remote = None
+        if self._task is None:
+            self._next()
 
     async def stop(self) -> None:
         """Cancel the answer, forget what waits, and return once the answer's end is recorded. The conversation
@@ -207,6 +264,8 @@ class Conversation:
         self._current = (turn, answer)
         context = self.context
         context.add("user", turn.text)
+        if self._publisher is not None:
+            self._publisher.started(answer, turn.client_msg_id)
         await audience.send(protocol.response_started(answer.response_id, turn.client_msg_id))
         status, error = await self._stream(answer, context)
         self._current = None
@@ -218,6 +277,8 @@ class Conversation:
             answer.response_id, status=status, text=text, error_code=error_code, error_message=error_message
         )
         await audience.send(done)
+        if self._publisher is not None:
+            self._publisher.done(status=status, text=text, error_code=error_code, error_message=error_message)
         meta = answers.metadata(answer, turn, status=status, model=self._llm.model, error=error)
         self.last_message = stored = self.record(AI_MESSAGE, text, meta, event_key=answer.response_id)
         rid = answer.response_id
@@ -231,7 +292,12 @@ class Conversation:
         self._streaming = True
         try:
             await answers.stream(
-                self._llm, context.messages(), answer, self.audience, max_chars=self._settings.max_answer_chars
+                self._llm,
+                context.messages(),
+                answer,
+                self.audience,
+                self._publisher,
+                max_chars=self._settings.max_answer_chars,
             )
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -254,6 +320,8 @@ class Conversation:
         # Kept for a connection whose history was read just before this answer landed (see `join`).
         self._last_answer = (stored.result(), frame)
         self.audience.put(frame)
+        if self._publisher is not None:
+            self._publisher.stored_answer(stored.result(), response_id, text=text, status=status)
 
     def _user_stored(self, stored: asyncio.Future[int], client_msg_id: str | None, text: str) -> None:
         if stored.cancelled() or stored.exception() is not None:
@@ -266,6 +334,8 @@ class Conversation:
         # The sender is acknowledged by its connection; watchers see the message it sent.
         if self.audience.watchers:
             self.audience.put_watchers(protocol.user_message_stored(stored.result(), client_msg_id, text))
+        if self._publisher is not None:
+            self._publisher.stored_message(stored.result(), client_msg_id, text)
 
 
 class StoredNotAnswered(ProtocolError):

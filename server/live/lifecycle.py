@@ -65,7 +65,7 @@ class Lifecycle:
         async with session.lock:
             if session.users > 0:
                 return
-            if session.ended_at is not None:
+            if session.ended_at is not None and not session.handed_over:
                 await self._record_end(session.id, session.ended_at)
                 job_id = await self._summary_job_id(session)
             # A reconnect may have checked the session out while the end was being recorded: it is waiting

@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core.jobs import held_key
+from core.livestream import CANCEL_CHANNEL, split_member
 from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,14 @@ class Presence:
         self.server_id = secrets.token_hex(6)
         self._tasks = TaskSet()
         self._on_release_request: Callable[[str], None] = lambda session_id: None
+        self._on_cancel_request: Callable[[str, str], None] = lambda session_id, response_id: None
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._skip_redis_until = 0.0
+
+    def on_cancel_request(self, callback: Callable[[str, str], None]) -> None:
+        """Called with (session id, response id) when a connection on another server cancels an answer."""
+        self._on_cancel_request = callback
 
     def on_release_request(self, callback: Callable[[str], None]) -> None:
         """Called with a session id when another server asks for a session this one holds."""
@@ -137,16 +143,18 @@ class Presence:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(RELEASE_CHANNEL)
+                    await pubsub.subscribe(RELEASE_CHANNEL, CANCEL_CHANNEL)
                     while True:
                         # A short wait, well inside the client's socket timeout: a quiet channel is not an error.
                         message = await pubsub.get_message(timeout=1.0)
                         if message is None or message.get("type") != "message":
                             continue
-                        data = message["data"]
-                        session_id = data.decode() if isinstance(data, bytes) else str(data)
-                        if session_id in self._held:
-                            self._on_release_request(session_id)
+                        data, channel = message["data"], message.get("channel")
+                        text = data.decode() if isinstance(data, bytes) else str(data)
+                        if channel in (CANCEL_CHANNEL, CANCEL_CHANNEL.encode()):
+                            self._on_cancel_request(*split_member(text))
+                        elif text in self._held:
+                            self._on_release_request(text)
             except (RedisError, OSError) as e:
                 log.warning("release channel lost, resubscribing", extra={"fields": {"error": str(e)}})
                 await asyncio.sleep(1.0)

@@ -19,9 +19,18 @@ _SWEEP_S = 1.0
 class Registry:
     """Session id -> its live `Session`. A session stays registered while a connection uses it or it is ending."""
 
-    def __init__(self, make_session: Callable[[str], Session], *, on_idle: Callable[[Session], None]) -> None:
+    def __init__(
+        self,
+        make_session: Callable[[str], Session],
+        *,
+        on_idle: Callable[[Session], None],
+        on_handed_over: Callable[[str], None],
+        stop_on_takeover: bool,
+    ) -> None:
         self._make_session = make_session
         self._on_idle = on_idle
+        self._on_handed_over = on_handed_over
+        self._stop_on_takeover = stop_on_takeover
         self._sessions: dict[str, Session] = {}
         self._tasks = TaskSet()
 
@@ -71,14 +80,29 @@ class Registry:
     def release_request(self, session_id: str) -> None:
         """Another server takes the session over: close our socket on it with 4000; its wind-down stores what
         we had, and the lease is let go once every write has landed."""
-        # Until answers can move between servers, the answer running here stops: the other server takes over.
         session = self._sessions.get(session_id)
         if session is None:
             return
+        if self._stop_on_takeover:
+            # ON_DISCONNECT=cancel (1.0): the answer stops, its partial text stored, before the other server loads.
+            if session.holder is not None:
+                self._tasks.spawn(session.holder.replace(stop_answer=True), name=f"release:{session_id}")
+            elif session.conversation.busy:
+                self._tasks.spawn(session.conversation.stop(), name=f"release:{session_id}")
+            return
+        # 1.1: the answer in flight goes on here, shared through Redis, and the other server's connection joins
+        # it; that server holds the session now (and records its end).
+        session.handed_over = True
+        session.conversation.hand_over()
+        self._on_handed_over(session_id)
         if session.holder is not None:
-            self._tasks.spawn(session.holder.replace(stop_answer=True), name=f"release:{session_id}")
-        elif session.conversation.busy:
-            self._tasks.spawn(session.conversation.stop(), name=f"release:{session_id}")
+            self._tasks.spawn(session.holder.replace(stop_answer=False), name=f"release:{session_id}")
+
+    def cancel_request(self, session_id: str, response_id: str) -> None:
+        """A connection on another server cancelled an answer that may be running here."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.conversation.cancel_response(response_id)
 
     async def sweep_stalled(self) -> None:
         """Runs until cancelled: cut off every connection whose peer stopped reading (see `Outbox`)."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from core.store import SessionRecord, StoredEvent
 
 from ..eventlog import EventWriter
 from .conversation import Conversation
+
+if TYPE_CHECKING:
+    from .follow import Follower
 
 
 class Holder(Protocol):
@@ -38,6 +41,9 @@ class Session:
         self.watchers = 0
         # Set while the lifecycle ends it (its answers finishing, its end being recorded).
         self.ending = False
+        # Another server took the session over while an answer ran here: that server records its end.
+        self.handed_over = False
+        self.follower: Follower | None = None
         self.loaded = False
         self.start_time: datetime | None = None
         self.ended_at: datetime | None = None
@@ -50,6 +56,7 @@ class Session:
             self.loaded = True
         self.start_time = record.start_time
         self.ended_at = None
+        self.handed_over = False
 
     def attach(self, holder: Holder) -> None:
         self.holder = holder

@@ -1,0 +1,207 @@
+"""Carrying a session's live events between server processes through Redis Streams (layout: core/livestream.py).
+
+The generating server publishes, coalesced and in the background: the answer's path never waits on Redis. When
+Redis is away nothing is published (and the first failure of an outage is logged): answers still stream to the
+connections of their own server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+
+from core import livestream as ls
+
+from .answer import Answer
+
+log = logging.getLogger(__name__)
+
+# At most one stream write per this long while an answer streams (plus one per other event).
+COALESCE_S = 0.05
+_ERRORS = (RedisError, OSError)
+
+
+class Broker:
+    """This process's side of the shared streams."""
+
+    def __init__(self, redis: ArqRedis, *, server_id: str, lease_s: float) -> None:
+        self.redis = redis
+        self.server_id = server_id
+        self.lease_s = lease_s
+        self._down = False
+
+    def publisher(self, session_id: str) -> Publisher:
+        return Publisher(self, session_id)
+
+    async def running(self, session_id: str) -> dict[str, Any] | None:
+        """The answer another server is generating for the session now, if any."""
+        try:
+            raw = await self.redis.get(ls.answer_key(session_id))
+        except _ERRORS as e:
+            self.failed(e)
+            return None
+        info: dict[str, Any] | None = None if raw is None else orjson.loads(raw)
+        return None if info is None or info.get("server") == self.server_id else info
+
+    async def entries(self, session_id: str, after: str = "-") -> list[tuple[str, dict[str, str]]]:
+        rows = await self.redis.xrange(ls.events_key(session_id), min=after)
+        return [(i.decode() if isinstance(i, bytes) else i, ls.text_of(f)) for i, f in rows]
+
+    async def last_id(self, session_id: str) -> str:
+        rows = await self.redis.xrevrange(ls.events_key(session_id), count=1)
+        return "0-0" if not rows else (rows[0][0].decode() if isinstance(rows[0][0], bytes) else rows[0][0])
+
+    async def read(self, session_id: str, last_id: str, *, block_ms: int) -> list[tuple[str, dict[str, str]]]:
+        reply = await self.redis.xread({ls.events_key(session_id): last_id}, block=block_ms, count=500)
+        out: list[tuple[str, dict[str, str]]] = []
+        for _, rows in reply or []:
+            out += [(i.decode() if isinstance(i, bytes) else i, ls.text_of(f)) for i, f in rows]
+        return out
+
+    async def cancel(self, session_id: str, response_id: str) -> None:
+        try:
+            await self.redis.publish(ls.CANCEL_CHANNEL, ls.answer_member(session_id, response_id))
+        except _ERRORS as e:
+            self.failed(e)
+
+    def failed(self, error: Exception) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("live events not shared through Redis", extra={"fields": {"error": str(error)}})
+
+    def ok(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("live events shared through Redis again", extra={"fields": {}})
+
+
+class Publisher:
+    """One session's publishing: entries queue here and one background task writes them, coalescing deltas."""
+
+    def __init__(self, broker: Broker, session_id: str) -> None:
+        self._broker = broker
+        self._session_id = session_id
+        self._pending: list[dict[str, str]] = []
+        self._answer: Answer | None = None
+        self._info = b""
+        self._sent_seq = 0
+        self._dirty = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._renewed = 0.0
+
+    # Called by the conversation; none of these waits.
+
+    def started(self, answer: Answer, client_msg_id: str | None) -> None:
+        self._answer, self._sent_seq, self._renewed = answer, 0, 0.0
+        self._info = orjson.dumps({"rid": answer.response_id, "cmid": client_msg_id, "server": self._broker.server_id})
+        self._add(
+            {"k": ls.STARTED, "rid": answer.response_id, "cmid": client_msg_id or "", "server": self._broker.server_id}
+        )
+
+    def delta(self) -> None:
+        """The hot path: a flag, and a wake-up once per coalescing window."""
+        if not self._dirty:
+            self._dirty = True
+            self._wake.set()
+
+    def done(self, *, status: str, text: str, error_code: str | None, error_message: str) -> None:
+        rid = "" if self._answer is None else self._answer.response_id
+        entry = {"k": ls.DONE, "rid": rid, "status": status, "text": text}
+        self._add({**entry, "error_code": error_code or "", "error_message": error_message})
+
+    def stored_answer(self, event_id: int, response_id: str, *, text: str, status: str) -> None:
+        self._add({"k": ls.STORED, "rid": response_id, "id": str(event_id), "text": text, "status": status})
+
+    def stored_message(self, event_id: int, client_msg_id: str | None, text: str) -> None:
+        self._add(
+            {
+                "k": ls.MESSAGE,
+                "id": str(event_id),
+                "cmid": client_msg_id or "",
+                "text": text,
+                "server": self._broker.server_id,
+            }
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _add(self, entry: dict[str, str]) -> None:
+        self._pending.append(entry)
+        self._wake.set()
+        self.ensure_running()
+
+    # The writer.
+
+    async def _run(self) -> None:
+        lease_s = self._broker.lease_s
+        while self._pending or self._answer is not None or self._dirty:
+            try:
+                async with asyncio.timeout(lease_s / 3):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass  # Nothing new: the lease is renewed all the same.
+            if self._dirty and not self._pending:
+                await asyncio.sleep(COALESCE_S)
+            self._wake.clear()
+            await self._flush()
+        self._task = None
+
+    def ensure_running(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"publish:{self._session_id}")
+
+    async def _flush(self) -> None:
+        broker, sid = self._broker, self._session_id
+        entries, self._pending = self._pending, []
+        out: list[dict[str, str]] = []
+        ending = False
+        for entry in entries:
+            if entry["k"] == ls.DONE:
+                out += self._coalesced()
+                ending = True
+            out.append(entry)
+        out += self._coalesced()
+        answer = self._answer
+        if ending:
+            self._answer = None
+        try:
+            async with broker.redis.pipeline(transaction=False) as pipe:
+                key = ls.events_key(sid)
+                for entry in out:
+                    pipe.xadd(key, entry, maxlen=ls.STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                if out:
+                    pipe.pexpire(key, ls.STREAM_TTL_MS)
+                member = None if answer is None else ls.answer_member(sid, answer.response_id)
+                if ending and member is not None:
+                    pipe.delete(ls.answer_key(sid))
+                    pipe.zrem(ls.ANSWERS_KEY, member)
+                elif member is not None and time.monotonic() - self._renewed > broker.lease_s / 3:
+                    self._renewed = time.monotonic()
+                    pipe.set(ls.answer_key(sid), self._info, px=int(broker.lease_s * 1000))
+                    pipe.zadd(ls.ANSWERS_KEY, {member: time.time() + broker.lease_s})
+                await pipe.execute()
+        except _ERRORS as e:
+            broker.failed(e)
+            return
+        broker.ok()
+
+    def _coalesced(self) -> list[dict[str, str]]:
+        self._dirty = False
+        answer = self._answer
+        if answer is None or len(answer.parts) <= self._sent_seq:
+            return []
+        seq = len(answer.parts)
+        pieces = answer.parts[self._sent_seq : seq]
+        self._sent_seq = seq
+        lens = ",".join(str(len(p)) for p in pieces)
+        return [{"k": ls.DELTA, "rid": answer.response_id, "text": "".join(pieces), "seq": str(seq), "lens": lens}]
