@@ -111,7 +111,9 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     eventlog = EventLog(store, metrics, settings)
     presence = Presence(redis, ttl_s=settings.presence_ttl_s, takeover_wait_s=settings.takeover_wait_s)
     llm = app[LLM_CLIENT]
-    broker = Broker(redis, server_id=presence.server_id, lease_s=settings.answer_lease_s)
+    broker = Broker(
+        redis, server_id=presence.server_id, lease_s=settings.answer_lease_s, on_failure=presence.suspect_redis
+    )
 
     def make_session(session_id: str) -> Session:
         writer = eventlog.writer()

@@ -243,3 +243,16 @@ async def test_a_graceful_shutdown_stores_an_unfinished_answer_as_interrupted(db
     rows = await _answers(db, "s1")
     assert orjson.loads(rows[0]["metadata"])["status"] == "interrupted"
     assert ANSWER.startswith(rows[0]["content"]) and rows[0]["content"] != ANSWER
+
+
+async def test_without_redis_answers_still_stream_and_are_stored(make_client, fake_llm, db, redis_control):
+    client = await make_client(on_disconnect="continue")
+    ws = await client.ws_connect("/ws/session/no-redis")
+    await receive(ws)
+    await redis_control.stop()
+    await _message(ws, "are you there?", "m1")
+    events = await _until_done(ws)
+    assert events[-1]["status"] == "completed"
+    await ws.close()
+    rows = await eventually(lambda: _answers(db, "no-redis"))
+    assert orjson.loads(rows[0]["metadata"])["status"] == "completed"

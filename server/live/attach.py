@@ -49,6 +49,8 @@ class Attacher:
         stream, so connections here see it live."""
         if self._broker is None or session.follower is not None or session.conversation.current is not None:
             return
+        if self._presence.redis_suspect:
+            return  # Redis just failed: one connection paid its timeout, the next ones do not.
         follower = Follower(self._broker, session, reload=self.reload)
         await follower.start()
         if follower.task is not None:

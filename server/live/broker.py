@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -30,7 +31,10 @@ _ERRORS = (RedisError, OSError)
 class Broker:
     """This process's side of the shared streams."""
 
-    def __init__(self, redis: ArqRedis, *, server_id: str, lease_s: float) -> None:
+    def __init__(
+        self, redis: ArqRedis, *, server_id: str, lease_s: float, on_failure: Callable[[], None] = lambda: None
+    ) -> None:
+        self._on_failure = on_failure
         self.redis = redis
         self.server_id = server_id
         self.lease_s = lease_s
@@ -71,6 +75,7 @@ class Broker:
             self.failed(e)
 
     def failed(self, error: Exception) -> None:
+        self._on_failure()
         if not self._down:
             self._down = True
             log.warning("live events not shared through Redis", extra={"fields": {"error": str(error)}})

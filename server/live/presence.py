@@ -102,6 +102,14 @@ class Presence:
             )
         self._held.add(session_id)
 
+    @property
+    def redis_suspect(self) -> bool:
+        """Redis failed a moment ago: calls on the connect path skip it for a while (see `_BREAKER_S`)."""
+        return asyncio.get_running_loop().time() < self._skip_redis_until
+
+    def suspect_redis(self) -> None:
+        self._skip_redis_until = asyncio.get_running_loop().time() + _BREAKER_S
+
     def release(self, session_id: str) -> None:
         self._held.discard(session_id)
         self._tasks.spawn(self._let_go(session_id))
