@@ -27,7 +27,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             ),
             # Also callable on demand, e.g. right after an outage.
             func(sweep_sessions, name=SWEEP_JOB, max_tries=1, timeout=settings.summary_job_timeout_s),
-            func(recover_answers, name=RECOVER_JOB, max_tries=1, timeout=60),
+            func(recover_answers, name=RECOVER_JOB, max_tries=1, timeout=settings.summary_job_timeout_s),
         ],
         # Every 15 s, on every worker; `unique` lets only one of them run each round. Often enough that a session of
         # a dead server is ended and summarised within about a minute (SESSION_STALE_S of quiet, then one round).
