@@ -52,7 +52,7 @@ async def test_reconnecting_to_the_other_server_at_any_moment_gives_the_whole_an
     rng = random.Random(1412)
     try:
         async with aiohttp.ClientSession() as http:
-            for n in range(20):
+            for n in range(50):
                 session_id = f"hop-{n}"
                 fake_llm.script(fake.slow(0.01, text=ANSWER))
                 ws = await http.ws_connect(f"http://127.0.0.1:{port_a}/ws/session/{session_id}")
@@ -111,9 +111,19 @@ async def test_a_cancel_on_one_server_stops_the_answer_generated_on_the_other(db
             done = (await receive_until(second, "response.done", timeout=5))[-1]
             assert done["status"] == "cancelled"
             assert asyncio.get_running_loop().time() - sent_at < 1.0
+            # Its next message is answered here, on B, with A's partial answer in the model's context.
+            await _message(second, "and now?", "m2")
+            answer = (await receive_until(second, "response.done", timeout=10))[-1]
+            assert answer["status"] == "completed"
+            assert fake_llm.requests[-1]["messages"][-1] == {"role": "user", "content": "and now?"}
+            assert fake_llm.requests[-1]["messages"][-2]["content"] == done["text"]
             await second.close()
-        rows = await eventually(lambda: _answers(db, "s1"))
-        assert len(rows) == 1
+
+        async def both() -> list[Any]:
+            rows = await _answers(db, "s1")
+            return rows if len(rows) == 2 else []
+
+        rows = await eventually(both)
         assert orjson.loads(rows[0]["metadata"])["status"] == "cancelled"
         assert ANSWER.startswith(rows[0]["content"]) and rows[0]["content"] != ANSWER
     finally:
@@ -193,4 +203,44 @@ async def test_an_answer_whose_server_is_killed_is_stored_as_interrupted(db, red
     finally:
         worker.terminate()
         await worker.wait()
+        await _stop(a, b)
+
+
+async def test_messages_sent_to_the_new_server_wait_behind_the_answer_the_old_one_generates(
+    db, redis, fake_llm, settings
+):
+    fake_llm.script(fake.slow(0.02, text=ANSWER))
+    a, port_a, b, port_b = await _two_servers(settings)
+    try:
+        async with aiohttp.ClientSession() as http:
+            first = await http.ws_connect(f"http://127.0.0.1:{port_a}/ws/session/q1")
+            await receive(first)
+            await _message(first, "tell me", "m1")
+            await receive_until(first, "response.delta")
+            second = await http.ws_connect(f"http://127.0.0.1:{port_b}/ws/session/q1")
+            await receive(second)
+            await _message(second, "and after that?", "m2")
+            events = await receive_until(second, "response.done", timeout=10)
+            assert events[-1]["text"] == ANSWER  # A's answer first, whole
+            events = await receive_until(second, "response.done", timeout=10)
+            assert events[-1]["status"] == "completed"
+            # B's turn saw A's answer.
+            assert fake_llm.requests[-1]["messages"][-3:] == [
+                {"role": "user", "content": "tell me"},
+                {"role": "assistant", "content": ANSWER},
+                {"role": "user", "content": "and after that?"},
+            ]
+            await second.close()
+            await first.close()
+
+        async def messages() -> list[str]:
+            rows = await db.fetch(
+                "select event_type from session_events where session_id = 'q1'"
+                " and event_type in ('user_message', 'ai_message') order by id"
+            )
+            return [r["event_type"] for r in rows] if len(rows) == 4 else []
+
+        # Both questions stored once, both answers stored once (B's question may land before A's answer).
+        assert sorted(await eventually(messages)) == ["ai_message", "ai_message", "user_message", "user_message"]
+    finally:
         await _stop(a, b)

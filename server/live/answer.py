@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ class Turn:
     text: str
     client_msg_id: str | None
     received_at: float  # time.time(), comparable with other processes' clocks on the machine
+    stored: asyncio.Future[int] | None = None
 
 
 @dataclass(slots=True)

@@ -81,9 +81,11 @@ class Conversation:
         self._last_answer: tuple[int, bytes] | None = None
 
     def reload(self, history: list[StoredEvent]) -> None:
-        """The context rebuilt from the store (another server answered meanwhile)."""
+        """The context rebuilt from the store (another server answered meanwhile). Messages still waiting here are
+        left out: each joins the context when its turn comes, after the answers before it."""
+        waiting = {t.stored.result() for t in self._waiting if t.stored is not None and _landed(t.stored)}
         self.context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
-        self.context.load(history)
+        self.context.load(e for e in history if e.id not in waiting)
 
     def load(self, history: list[StoredEvent], *, turns: int) -> None:
         self.context.load(history)
@@ -164,7 +166,7 @@ class Conversation:
             raise StoredNotAnswered(stored, client_msg_id)
         if self._stopping:
             return stored
-        self._waiting.append(Turn(text, client_msg_id, received_at))
+        self._waiting.append(Turn(text, client_msg_id, received_at, stored))
         if self._task is None and self.remote is None:
             self._next()
         return stored
@@ -347,3 +349,7 @@ class StoredNotAnswered(ProtocolError):
         )
         self.stored = stored
         self.client_msg_id = client_msg_id
+
+
+def _landed(stored: asyncio.Future[int]) -> bool:
+    return stored.done() and not stored.cancelled() and stored.exception() is None
