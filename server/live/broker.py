@@ -155,8 +155,9 @@ class Publisher:
                     await self._wake.wait()
             except TimeoutError:
                 pass  # Nothing new: the lease is renewed all the same.
-            if self._dirty and not self._pending:
-                await asyncio.sleep(COALESCE_S)
+            # Everything of the next ~50 ms goes in one round trip, the answer's start included: the first tokens
+            # of a burst of answers go out before any of this work.
+            await asyncio.sleep(COALESCE_S)
             self._wake.clear()
             await self._flush()
         self._task = None
