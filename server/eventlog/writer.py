@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from core.backoff import backoff_delay
 from core.errors import StoreError, StoreUnavailable
@@ -48,6 +50,28 @@ class EventWriter:
     def oldest_pending(self) -> datetime | None:
         """When the oldest event still waiting for the store was accepted."""
         return self._queue[0][0].created_at if self._queue else None
+
+    def record(
+        self,
+        session_id: str,
+        event_type: str,
+        content: str | None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        client_msg_id: str | None = None,
+        event_key: str | None = None,
+    ) -> asyncio.Future[int]:
+        """Submit a new event of `session_id`, stamped now, with a fresh idempotency key unless given one."""
+        event = NewEvent(
+            session_id=session_id,
+            event_type=event_type,
+            content=content,
+            event_key=event_key or secrets.token_hex(12),
+            created_at=datetime.now(UTC),
+            client_msg_id=client_msg_id,
+            metadata=metadata or {},
+        )
+        return self.submit(event)
 
     def submit(self, event: NewEvent) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()

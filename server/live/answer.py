@@ -10,7 +10,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from core.errors import LLMError
+from core.errors import LLMError, ProtocolError
 from core.llm import LLM, ChatMessage, StreamStats
 
 from .. import protocol
@@ -143,3 +143,14 @@ def observe(metrics: Metrics, session_id: str, answer: Answer, *, status: str, e
             }
         },
     )
+
+
+class StoredNotAnswered(ProtocolError):
+    """The message was stored but will not be answered here (the server is shutting down)."""
+
+    def __init__(self, stored: asyncio.Future[int], client_msg_id: str | None) -> None:
+        super().__init__(
+            protocol.SHUTTING_DOWN, "the server is restarting: your message is stored but not answered here"
+        )
+        self.stored = stored
+        self.client_msg_id = client_msg_id

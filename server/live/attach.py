@@ -47,7 +47,7 @@ class Attacher:
     async def follow(self, session: Session) -> None:
         """If another server generates an answer for this session (or a watcher wants what others do), follow its
         stream, so connections here see it live."""
-        if self._broker is None or session.follower is not None or session.conversation.current is not None:
+        if self._broker is None or session.follower is not None or session.conversation.running.local is not None:
             return
         if self._presence.redis_suspect:
             return  # Redis just failed: one connection paid its timeout, the next ones do not.

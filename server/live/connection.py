@@ -18,7 +18,7 @@ from .. import protocol
 from ..metrics import Metrics
 from ..protocol import Cancel, Ping, UserMessage
 from ..ratelimit import TokenBucket, UserRateLimiter
-from .conversation import StoredNotAnswered
+from .answer import StoredNotAnswered
 from .outbox import Outbox
 from .session import Session
 

@@ -8,23 +8,22 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from core.errors import LLMError, ProtocolError
-from core.livestream import AnswerSoFar
 from core.llm import LLM
 from core.settings import Settings
-from core.store import AI_MESSAGE, USER_MESSAGE, NewEvent, StoredEvent
+from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
 from core.tasks import TaskSet
 
 from .. import protocol
 from ..eventlog import EventWriter
 from ..metrics import Metrics
 from . import answer as answers
-from .answer import Answer, Turn
+from .answer import Answer, StoredNotAnswered, Turn
 from .audience import Audience, Sink
 from .context import Context
+from .running import Running
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -53,8 +52,7 @@ class Conversation:
         self.session_id = session_id
         self._broker = broker
         self._publisher = None if broker is None else broker.publisher(session_id)
-        # The answer another server generates for this session now, as its stream tells it (see follow.py).
-        self.remote: AnswerSoFar | None = None
+        self.running = Running()
         self._tasks = TaskSet()
         self._writer = writer
         self._llm = llm
@@ -66,7 +64,6 @@ class Conversation:
         self._client_msgs: dict[str, int | asyncio.Future[int]] = {}
         self._waiting: deque[Turn] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._current: tuple[Turn, Answer] | None = None
         self._streaming = False
         self._cancel_asked = False
         self._interrupting = False
@@ -78,7 +75,6 @@ class Conversation:
         # User messages accepted over the session's life (MAX_TURNS_PER_SESSION), and the newest message's write.
         self.turns = 0
         self.last_message: asyncio.Future[int] | None = None
-        self._last_answer: tuple[int, bytes] | None = None
 
     def reload(self, history: list[StoredEvent]) -> None:
         """The context rebuilt from the store (another server answered meanwhile). Messages still waiting here are
@@ -96,49 +92,19 @@ class Conversation:
 
     @property
     def busy(self) -> bool:
-        return self._task is not None or bool(self._waiting) or self.remote is not None
-
-    @property
-    def current(self) -> tuple[Turn, Answer] | None:
-        return self._current
+        return self._task is not None or bool(self._waiting) or self.running.remote is not None
 
     async def quiet(self) -> None:
         """Return once no answer is running and none is waiting."""
         await self._quiet.wait()
 
     def active_response(self) -> dict[str, Any] | None:
-        """The answer being generated now, as `session.ready` names it."""
-        if self._current is None:
-            remote = self.remote
-            if remote is None or remote.done is not None:
-                return None
-            return {"response_id": remote.response_id, "client_msg_id": remote.client_msg_id, "seq": remote.seq}
-        turn, answer = self._current
-        return {"response_id": answer.response_id, "client_msg_id": turn.client_msg_id, "seq": len(answer.parts)}
+        """The answer being generated now, here or on another server, as `session.ready` names it."""
+        return self.running.active_response()
 
     def join(self, sink: Sink, *, history_through: int, resume: tuple[str, int] | None = None) -> None:
-        """A connection arriving mid-answer: `response.started` (resumed), the text so far after what it holds
-        (`resume`), then, once the caller puts it in the audience, the live deltas. Synchronous, so nothing falls
-        between the catch-up and the live deltas. An answer stored after the connection's history was read is
-        sent as its `message.stored`."""
-        if self._last_answer is not None and self._last_answer[0] > history_through:
-            sink.put(self._last_answer[1])
-        if self._current is not None:
-            turn, answer = self._current
-            rid, cmid, parts, seq = answer.response_id, turn.client_msg_id, answer.parts, len(answer.parts)
-        elif self.remote is not None and self.remote.done is None:
-            rid, cmid, parts, seq = (
-                self.remote.response_id,
-                self.remote.client_msg_id,
-                self.remote.parts,
-                self.remote.seq,
-            )
-        else:
-            return
-        held = resume[1] if resume is not None and resume[0] == rid else 0
-        sink.put(protocol.response_started(rid, cmid, resumed=True))
-        if seq > held:
-            sink.put(protocol.response_delta(rid, "".join(parts[held:]), seq))
+        """See `Running.join`."""
+        self.running.join(sink, history_through=history_through, resume=resume)
 
     def known(self, client_msg_id: str | None) -> int | asyncio.Future[int] | None:
         """The stored id (or its pending write) of a message already accepted under this client_msg_id."""
@@ -167,7 +133,7 @@ class Conversation:
         if self._stopping:
             return stored
         self._waiting.append(Turn(text, client_msg_id, received_at, stored))
-        if self._task is None and self.remote is None:
+        if self._task is None and self.running.remote is None:
             self._next()
         return stored
 
@@ -175,8 +141,8 @@ class Conversation:
         """Stop the answer streaming now, if any, here or on the server that generates it; its `response.done`
         says `cancelled`."""
         if self._task is None:
-            if self.remote is not None and self._broker is not None:
-                self._tasks.spawn(self._broker.cancel(self.session_id, self.remote.response_id))
+            if self.running.remote is not None and self._broker is not None:
+                self._tasks.spawn(self._broker.cancel(self.session_id, self.running.remote.response_id))
             return
         if self._streaming:
             self._task.cancel()
@@ -185,7 +151,7 @@ class Conversation:
 
     def cancel_response(self, response_id: str) -> None:
         """Another server's connection cancelled this session's answer."""
-        if self._current is not None and self._current[1].response_id == response_id:
+        if self.running.local is not None and self.running.local[1].response_id == response_id:
             self.cancel()
 
     def hand_over(self) -> None:
@@ -194,7 +160,7 @@ class Conversation:
 
     def remote_finished(self) -> None:
         """The other server's answer is stored (and the context reloaded): what waits here is answered now."""
-        self.remote = None
+        self.running.remote = None
         if self._task is None:
             self._next()
 
@@ -228,25 +194,10 @@ class Conversation:
             await asyncio.wait((task,))
 
     def record(
-        self,
-        event_type: str,
-        content: str | None,
-        metadata: dict[str, Any] | None = None,
-        *,
-        client_msg_id: str | None = None,
-        event_key: str | None = None,
+        self, event_type: str, content: str | None, metadata: dict[str, Any] | None = None, **keys: str | None
     ) -> asyncio.Future[int]:
-        """Append an event of this session to the event log; the future resolves with its id once committed."""
-        event = NewEvent(
-            session_id=self.session_id,
-            event_type=event_type,
-            content=content,
-            event_key=event_key or secrets.token_hex(12),
-            created_at=datetime.now(UTC),
-            client_msg_id=client_msg_id,
-            metadata=metadata or {},
-        )
-        return self._writer.submit(event)
+        """Append an event of this session to the event log (see `EventWriter.record`)."""
+        return self._writer.record(self.session_id, event_type, content, metadata, **keys)
 
     # Answering.
 
@@ -257,20 +208,20 @@ class Conversation:
             self._task = asyncio.create_task(self._turn(self._waiting.popleft()), name=f"answer:{self.session_id}")
         else:
             self._task = None
-            self._current = None
+            self.running.local = None
             self._quiet.set()
 
     async def _turn(self, turn: Turn) -> None:
         audience = self.audience
         answer = Answer("resp_" + secrets.token_hex(8))
-        self._current = (turn, answer)
+        self.running.local = (turn, answer)
         context = self.context
         context.add("user", turn.text)
         if self._publisher is not None:
             self._publisher.started(answer, turn.client_msg_id)
         await audience.send(protocol.response_started(answer.response_id, turn.client_msg_id))
         status, error = await self._stream(answer, context)
-        self._current = None
+        self.running.local = None
         text = self._settings.fallback_text if error is not None else answer.text
         if error is None:
             context.add("assistant", text)
@@ -320,7 +271,7 @@ class Conversation:
             return
         frame = protocol.answer_stored(stored.result(), response_id, text=text, status=status)
         # Kept for a connection whose history was read just before this answer landed (see `join`).
-        self._last_answer = (stored.result(), frame)
+        self.running.last_stored = (stored.result(), frame)
         self.audience.put(frame)
         if self._publisher is not None:
             self._publisher.stored_answer(stored.result(), response_id, text=text, status=status)
@@ -338,17 +289,6 @@ class Conversation:
             self.audience.put_watchers(protocol.user_message_stored(stored.result(), client_msg_id, text))
         if self._publisher is not None:
             self._publisher.stored_message(stored.result(), client_msg_id, text)
-
-
-class StoredNotAnswered(ProtocolError):
-    """The message was stored but will not be answered here (the server is shutting down)."""
-
-    def __init__(self, stored: asyncio.Future[int], client_msg_id: str | None) -> None:
-        super().__init__(
-            protocol.SHUTTING_DOWN, "the server is restarting: your message is stored but not answered here"
-        )
-        self.stored = stored
-        self.client_msg_id = client_msg_id
 
 
 def _landed(stored: asyncio.Future[int]) -> bool:

@@ -40,9 +40,9 @@ class Follower:
             info = await self._broker.running(sid)
             if info is not None:
                 entries = await self._broker.entries(sid)
-                conversation.remote = ls.read_answer((e for _, e in entries), info["rid"])
-                if conversation.remote.stored is not None:
-                    conversation.remote = None
+                conversation.running.remote = ls.read_answer((e for _, e in entries), info["rid"])
+                if conversation.running.remote.stored is not None:
+                    conversation.running.remote = None
                 self._last = entries[-1][0] if entries else "0-0"
             else:
                 self._last = await self._broker.last_id(sid)
@@ -53,7 +53,7 @@ class Follower:
 
     def needed(self) -> bool:
         session = self._session
-        return session.conversation.remote is not None or session.watchers > 0
+        return session.conversation.running.remote is not None or session.watchers > 0
 
     async def _follow(self) -> None:
         session = self._session
@@ -75,9 +75,9 @@ class Follower:
     async def _apply(self, entry: dict[str, str]) -> None:
         conversation, kind = self._session.conversation, entry.get("k")
         audience, mine = conversation.audience, entry.get("server") == self._broker.server_id
-        remote = conversation.remote
-        if kind == ls.STARTED and not mine and conversation.current is None:
-            conversation.remote = ls.AnswerSoFar(entry["rid"], entry.get("cmid") or None)
+        remote = conversation.running.remote
+        if kind == ls.STARTED and not mine and conversation.running.local is None:
+            conversation.running.remote = ls.AnswerSoFar(entry["rid"], entry.get("cmid") or None)
             audience.put(protocol.response_started(entry["rid"], entry.get("cmid") or None))
         elif kind == ls.MESSAGE and not mine:
             audience.put_watchers(
