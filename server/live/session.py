@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from core.store import SessionRecord, StoredEvent
 
 from ..eventlog import EventWriter
 from .conversation import Conversation
 
-if TYPE_CHECKING:
-    from .follow import Follower
+
+class Following(Protocol):
+    """What follows the session's answers from another server (see `follow.Follower`)."""
+
+    task: asyncio.Task[None] | None
 
 
 class Holder(Protocol):
@@ -43,7 +46,7 @@ class Session:
         self.ending = False
         # Another server took the session over while an answer ran here: that server records its end.
         self.handed_over = False
-        self.follower: Follower | None = None
+        self.follower: Following | None = None
         self.loaded = False
         self.start_time: datetime | None = None
         self.ended_at: datetime | None = None
