@@ -1,1 +1,1 @@
-"""Realtime AI conversation backend: the aiohttp service and the domain it shares with the worker."""
+"""The aiohttp service: the WebSocket sessions (`live/`), the event log (`eventlog/`), the HTTP routes."""
