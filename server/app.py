@@ -145,6 +145,7 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     yield
     # Runs after on_shutdown closed the sockets: give their last writes time to land before the store closes.
     await lifecycle.close(within_s=settings.shutdown_flush_s)
+    await broker.close()
     await user_rate.close()
     await background.cancel()
     await presence.close()

@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType
 
+from core.livestream import answer_key
 from tests.conftest import eventually, receive, receive_until, start_server
 from tests.fakes import openai_server as fake
 
@@ -240,6 +241,8 @@ async def test_a_graceful_shutdown_stores_an_unfinished_answer_as_interrupted(db
             server.kill()
             await server.wait()
     assert events[-1]["status"] == "interrupted"
+    # It told the other servers too: no answer is left "running" in Redis for a server that is gone.
+    assert not await redis.exists(answer_key("s1"))
     rows = await _answers(db, "s1")
     assert orjson.loads(rows[0]["metadata"])["status"] == "interrupted"
     assert ANSWER.startswith(rows[0]["content"]) and rows[0]["content"] != ANSWER

@@ -35,6 +35,8 @@ class Broker:
         self, redis: ArqRedis, *, server_id: str, lease_s: float, on_failure: Callable[[], None] = lambda: None
     ) -> None:
         self._on_failure = on_failure
+        # Publishers with something to write: flushed at shutdown, so a stopped server leaves no answer "running".
+        self.active: set[Publisher] = set()
         self.redis = redis
         self.server_id = server_id
         self.lease_s = lease_s
@@ -73,6 +75,11 @@ class Broker:
             await self.redis.publish(ls.CANCEL_CHANNEL, ls.answer_member(session_id, response_id))
         except _ERRORS as e:
             self.failed(e)
+
+    async def close(self) -> None:
+        """Shutdown: write what every publisher still holds, now."""
+        for publisher in list(self.active):
+            await publisher.close()
 
     def failed(self, error: Exception) -> None:
         self._on_failure()
@@ -136,9 +143,14 @@ class Publisher:
         )
 
     async def close(self) -> None:
+        """Stop the writer, and write what it still held at once."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._pending or self._dirty:
+            await self._flush()
+        self._broker.active.discard(self)
 
     def _add(self, entry: dict[str, str]) -> None:
         self._pending.append(entry)
@@ -161,9 +173,11 @@ class Publisher:
             self._wake.clear()
             await self._flush()
         self._task = None
+        self._broker.active.discard(self)
 
     def ensure_running(self) -> None:
         if self._task is None:
+            self._broker.active.add(self)
             self._task = asyncio.create_task(self._run(), name=f"publish:{self._session_id}")
 
     async def _flush(self) -> None:
