@@ -37,3 +37,8 @@ class TaskSet:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # Retrieved: a failure is logged where it happens, never as "never retrieved".
+
+
+def succeeded(future: asyncio.Future[Any]) -> bool:
+    """The future is done with a result (not cancelled, not failed): e.g. an event write that landed."""
+    return future.done() and not future.cancelled() and future.exception() is None

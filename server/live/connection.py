@@ -12,7 +12,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from core.errors import ProtocolError
 from core.settings import Settings
 from core.store import CONNECTED, DISCONNECTED
-from core.tasks import TaskSet
+from core.tasks import TaskSet, succeeded
 
 from .. import protocol
 from ..metrics import Metrics
@@ -247,7 +247,7 @@ class Connection:
 
         def done(f: asyncio.Future[int]) -> None:
             self._unacked.discard(f)
-            if not f.cancelled() and f.exception() is None:
+            if succeeded(f):
                 self.outbox.put(protocol.user_message_stored(f.result(), cmid, text))
 
         stored.add_done_callback(done)

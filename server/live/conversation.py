@@ -14,7 +14,7 @@ from core.errors import LLMError, ProtocolError
 from core.llm import LLM
 from core.settings import Settings
 from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
-from core.tasks import TaskSet
+from core.tasks import TaskSet, succeeded
 
 from .. import protocol
 from ..eventlog import EventWriter
@@ -79,7 +79,7 @@ class Conversation:
     def reload(self, history: list[StoredEvent]) -> None:
         """The context rebuilt from the store (another server answered meanwhile). Messages still waiting here are
         left out: each joins the context when its turn comes, after the answers before it."""
-        waiting = {t.stored.result() for t in self._waiting if t.stored is not None and _landed(t.stored)}
+        waiting = {t.stored.result() for t in self._waiting if t.stored is not None and succeeded(t.stored)}
         self.context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
         self.context.load(e for e in history if e.id not in waiting)
 
@@ -267,7 +267,7 @@ class Conversation:
         return protocol.COMPLETED, None
 
     def _answer_stored(self, stored: asyncio.Future[int], response_id: str, text: str, status: str) -> None:
-        if stored.cancelled() or stored.exception() is not None:
+        if not succeeded(stored):
             return
         frame = protocol.answer_stored(stored.result(), response_id, text=text, status=status)
         # Kept for a connection whose history was read just before this answer landed (see `join`).
@@ -277,7 +277,7 @@ class Conversation:
             self._publisher.stored_answer(stored.result(), response_id, text=text, status=status)
 
     def _user_stored(self, stored: asyncio.Future[int], client_msg_id: str | None, text: str) -> None:
-        if stored.cancelled() or stored.exception() is not None:
+        if not succeeded(stored):
             # Never stored: forget it, so the client's retry is taken as new.
             if client_msg_id is not None and self._client_msgs.get(client_msg_id) is stored:
                 del self._client_msgs[client_msg_id]
@@ -289,7 +289,3 @@ class Conversation:
             self.audience.put_watchers(protocol.user_message_stored(stored.result(), client_msg_id, text))
         if self._publisher is not None:
             self._publisher.stored_message(stored.result(), client_msg_id, text)
-
-
-def _landed(stored: asyncio.Future[int]) -> bool:
-    return stored.done() and not stored.cancelled() and stored.exception() is None

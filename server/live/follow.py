@@ -44,10 +44,13 @@ class Follower:
                 if conversation.running.remote.stored is not None:
                     conversation.running.remote = None
                 self._last = entries[-1][0] if entries else "0-0"
-            else:
+            elif self.needed():
                 self._last = await self._broker.last_id(sid)
         except (RedisError, OSError) as e:
             self._broker.failed(e)
+            return
+        if not self.needed():
+            # Nothing runs elsewhere and nobody here watches: the writer here generates what comes next.
             return
         self.task = asyncio.create_task(self._follow(), name=f"follow:{sid}")
 

@@ -11,7 +11,7 @@ from core.errors import StoreError, StoreUnavailable
 from core.jobs import JobQueue, summary_job_id
 from core.settings import Settings
 from core.store import Store
-from core.tasks import TaskSet
+from core.tasks import TaskSet, succeeded
 
 from ..eventlog import EventLog
 from .presence import Presence
@@ -80,7 +80,7 @@ class Lifecycle:
     async def _summary_job_id(self, session: Session) -> str | None:
         """The job for the session as of its last message; None when that is known to be summarised already."""
         last = session.conversation.last_message
-        if last is not None and last.done() and not last.cancelled() and last.exception() is None:
+        if last is not None and succeeded(last):
             return summary_job_id(session.id, start_time=session.start_time, last_message_id=last.result())
         try:
             state = await self._store.summary_state(session.id)
