@@ -16,6 +16,11 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
+# OpenAI's tokenizer files, fetched while building: the running service counts tokens with them and never
+# downloads one itself (core/llm/tokens.py).
+ENV TIKTOKEN_CACHE_DIR=/app/.tiktoken
+RUN python -c "import tiktoken; [tiktoken.get_encoding(n) for n in ('o200k_base', 'cl100k_base')]"
+
 # The code runs from /app (not installed), so it finds web/ and sql/ beside it.
 COPY core ./core
 COPY server ./server

@@ -7,9 +7,11 @@ functions under these names.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Final
 
+import orjson
 from arq.connections import ArqRedis
 from arq.jobs import Job
 from prometheus_client import CollectorRegistry, Counter
@@ -20,7 +22,10 @@ log = logging.getLogger(__name__)
 SUMMARIZE_JOB: Final = "summarize_session"
 SWEEP_JOB: Final = "sweep_sessions"
 RECOVER_JOB: Final = "recover_answers"
+COMPACT_JOB: Final = "compact_context"
 HELD_PREFIX: Final = "rt:held:"
+# Where the worker announces each new context summary, so the server that holds the session uses it at once.
+CONTEXT_CHANNEL: Final = "rt:context"
 
 
 def summary_job_id(session_id: str, *, start_time: datetime | None, last_message_id: int) -> str:
@@ -32,6 +37,37 @@ def summary_job_id(session_id: str, *, start_time: datetime | None, last_message
     """
     started = "-" if start_time is None else str(int(start_time.timestamp() * 1_000_000))
     return f"summary:{session_id}:{started}:{last_message_id}"
+
+
+def compact_job_id(session_id: str, *, through: int) -> str:
+    """One compaction per session and cursor: asking again for the same one is a no-op in arq."""
+    return f"compact:{session_id}:{through}"
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSummary:
+    """A context summary as announced on CONTEXT_CHANNEL: the stored event and what it covers."""
+
+    session_id: str
+    event_id: int
+    through: int
+    tokens: int
+    text: str
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> ContextSummary:
+        """Raises ValueError (or TypeError) for a message that is not one."""
+        fields = orjson.loads(data)
+        return cls(
+            session_id=str(fields["session_id"]),
+            event_id=int(fields["event_id"]),
+            through=int(fields["through"]),
+            tokens=int(fields["tokens"]),
+            text=str(fields["text"]),
+        )
 
 
 def held_key(session_id: str) -> str:
@@ -75,4 +111,18 @@ class JobQueue:
         if job is not None:
             self.enqueued.inc()
             log.info("summary job enqueued", extra={"fields": {"session_id": session_id, "job_id": job_id, **fields}})
+        return job
+
+    async def compact(self, session_id: str, *, through: int, tokens: int) -> Job | None:
+        """Ask the worker for a new context summary covering the session's messages up to `through`; the Job, or
+        None when Redis refused it or that compaction is already asked for. Never raises."""
+        job_id = compact_job_id(session_id, through=through)
+        try:
+            job = await self._redis.enqueue_job(COMPACT_JOB, session_id, through, _job_id=job_id)
+        except (RedisError, OSError) as e:
+            log.warning("compaction not enqueued", extra={"fields": {"session_id": session_id, "error": str(e)}})
+            return None
+        if job is not None:
+            fields = {"session_id": session_id, "through": through, "tokens": tokens}
+            log.info("compaction enqueued", extra={"fields": fields})
         return job

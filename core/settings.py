@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -104,7 +105,21 @@ class Settings(BaseSettings):
     max_answer_chars: PositiveInt = 100_000
     system_prompt: str = "You are a helpful assistant in a realtime chat. Answer clearly and concisely."
     fallback_text: str = "Sorry, I can't answer right now. Please try again in a moment."
-    context_max_chars: PositiveInt = 48_000
+    # The most tokens a request may carry (prompt, context summary and messages), as the provider counts them.
+    context_max_tokens: PositiveInt = 16_000
+    # Past this share of the budget the worker writes a new context summary (see server/live/context.py).
+    context_compact_at: Annotated[float, _rule(lambda v: 0 < v <= 1, "must be a share between 0 and 1, like 0.75")] = (
+        0.75
+    )
+    context_summary_prompt: str = (
+        "You keep the running memory of a long conversation between a user and an AI assistant. Write a new "
+        "summary from the previous summary (if any) and the messages after it, in the language of the "
+        "conversation. Keep every name, number, code, date, decision, preference and open question exactly as "
+        "stated; drop pleasantries and repetition. Write it as short factual notes, no preamble."
+    )
+    # Deprecated: the budget was once in characters. When set (and CONTEXT_MAX_TOKENS is not), it becomes a token
+    # budget of a quarter of it.
+    context_max_chars: PositiveInt | None = None
     llm_connect_timeout_s: PositiveFloat = 5.0
     llm_first_token_timeout_s: PositiveFloat = 30.0
     llm_token_gap_timeout_s: PositiveFloat = 20.0
@@ -233,6 +248,25 @@ class Settings(BaseSettings):
         """A copy with `changes`, checked as any Settings is."""
         return type(self)(**{**dict(self), **changes})
 
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("context_max_chars") and "context_max_tokens" not in values:
+            # A value that is not a number is left to the field's own check, which names the variable.
+            with suppress(TypeError, ValueError):
+                values = {**values, "context_max_tokens": max(1, int(values["context_max_chars"]) // 4)}
+        return values
+
+    @property
+    def deprecations(self) -> list[str]:
+        """One line per deprecated setting in use, for the entry points to log."""
+        if self.context_max_chars is None:
+            return []
+        return [
+            f"CONTEXT_MAX_CHARS is deprecated: the context budget is in tokens now (CONTEXT_MAX_TOKENS, "
+            f"{self.context_max_tokens} in use)"
+        ]
+
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
         """The rules that span several settings."""
@@ -283,7 +317,10 @@ class _Environ(EnvSettingsSource):
 def load_settings() -> Settings:
     """Settings for an entry point: a value that cannot be used stops the process with one line and status 2."""
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    for line in settings.deprecations:
+        print(f"configuration warning: {line}", file=sys.stderr)
+    return settings

@@ -13,6 +13,7 @@ from redis.asyncio import BlockingConnectionPool
 
 from core.jobs import JobQueue
 from core.llm import make_llm
+from core.llm.tokens import counter_for
 from core.settings import Settings
 from core.store import open_store
 from core.tasks import TaskSet
@@ -115,10 +116,21 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
         redis, server_id=presence.server_id, lease_s=settings.answer_lease_s, on_failure=presence.suspect_redis
     )
 
+    jobs = JobQueue(redis, registry=metrics.registry)
+    # Once per process: loading a tokenizer reads a file of several MB.
+    count = counter_for(llm.model)
+
     def make_session(session_id: str) -> Session:
         writer = eventlog.writer()
         conversation = Conversation(
-            session_id, writer=writer, llm=llm, settings=settings, metrics=metrics, broker=broker
+            session_id,
+            writer=writer,
+            llm=llm,
+            settings=settings,
+            metrics=metrics,
+            broker=broker,
+            jobs=jobs,
+            count=count,
         )
         return Session(session_id, writer=writer, conversation=conversation)
 
@@ -131,10 +143,11 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
         on_handed_over=presence.release,
         stop_on_takeover=settings.on_disconnect == "cancel",
     )
-    lifecycle = Lifecycle(registry, eventlog, store, JobQueue(redis, registry=metrics.registry), presence, settings)
+    lifecycle = Lifecycle(registry, eventlog, store, jobs, presence, settings)
     user_rate = UserRateLimiter(redis, settings.user_messages_per_minute)
     presence.on_release_request(registry.release_request)
     presence.on_cancel_request(registry.cancel_request)
+    presence.on_context_summary(registry.context_summary)
     eventlog.start()
     background = TaskSet()
     background.spawn(presence.run(), name="presence")

@@ -39,6 +39,17 @@ class Metrics:
         self.completion_tokens = Counter(
             "rt_completion_tokens_total", "Tokens the model generated, as its usage reports them", registry=r
         )
+        self.context_trimmed = Counter(
+            "rt_context_trimmed_total",
+            "Old messages left out of a request to stay within CONTEXT_MAX_TOKENS, until a context summary covers them",
+            registry=r,
+        )
+        self.context_compactions = Counter(
+            "rt_context_compactions_total",
+            "Context summaries asked of the worker (requested) and put in use (applied)",
+            ["stage"],
+            registry=r,
+        )
         self.llm_errors = Counter("rt_llm_errors_total", "Failed answers, by error code", ["code"], registry=r)
         self.llm_retries = Counter(
             "rt_llm_retries_total", "Upstream requests retried before the first token", registry=r

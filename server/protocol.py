@@ -200,6 +200,12 @@ def answer_stored(event_id: int, response_id: str, *, text: str, status: str) ->
     )
 
 
+def context_compacted(through: int, *, tokens_before: int, tokens_after: int) -> bytes:
+    return _dumps(
+        {"type": "context.compacted", "through": through, "tokens_before": tokens_before, "tokens_after": tokens_after}
+    )
+
+
 def error(code: str, message: str) -> bytes:
     return _dumps({"type": "error", "code": code, "message": message})
 

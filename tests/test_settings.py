@@ -51,6 +51,9 @@ def test_the_environment_wins_over_the_env_file(tmp_path):
         ("ON_DISCONNECT", "pause"),
         ("CONTEXT_MAX_CHARS", "0"),
         ("CONTEXT_MAX_CHARS", "many"),
+        ("CONTEXT_MAX_TOKENS", "0"),
+        ("CONTEXT_COMPACT_AT", "1.5"),
+        ("CONTEXT_COMPACT_AT", "0"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value):
@@ -95,14 +98,21 @@ def test_lists_flags_and_choices_are_read_from_their_text():
     assert settings.allowed_hosts == ("app.example.com", "localhost")
     assert settings.allowed_origins == ("https://app.example.com", "*")
     assert settings.auth_disabled
-    assert (settings.on_disconnect, settings.context_max_chars) == ("cancel", 4000)
+    assert settings.on_disconnect == "cancel"
+    # The deprecated budget in characters still works, as a token budget of a quarter of it.
+    assert (settings.context_max_chars, settings.context_max_tokens) == (4000, 1000)
     assert settings.openai_api_key is None
     assert Settings.from_env({"ALLOWED_HOSTS": ""}, env_file=None).allowed_hosts is None
 
 
 def test_new_settings_have_their_defaults():
     settings = Settings()
-    assert (settings.on_disconnect, settings.context_max_chars) == ("continue", 48000)
+    assert settings.on_disconnect == "continue"
+    assert (settings.context_max_tokens, settings.context_compact_at, settings.context_max_chars) == (
+        16_000,
+        0.75,
+        None,
+    )
     assert (settings.presence_ttl_s, settings.session_stale_s) == (15.0, 30.0)
 
 
@@ -135,6 +145,20 @@ def test_a_copy_with_changes_is_checked_and_leaves_the_original_alone():
         settings.replace(max_frame_bytes=1024)
     with pytest.raises(ConfigError, match=r"^NO_SUCH_SETTING="):
         settings.replace(no_such_setting=1)
+
+
+def test_the_deprecated_character_budget_says_so_once_at_start(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONTEXT_MAX_CHARS", "8000")
+    settings = load_settings()
+    assert settings.context_max_tokens == 2000
+    assert capsys.readouterr().err == (
+        "configuration warning: CONTEXT_MAX_CHARS is deprecated: the context budget is in tokens now "
+        "(CONTEXT_MAX_TOKENS, 2000 in use)\n"
+    )
+    # Both set: the token budget wins.
+    monkeypatch.setenv("CONTEXT_MAX_TOKENS", "3000")
+    assert load_settings().context_max_tokens == 3000
 
 
 def test_settings_cannot_be_changed_in_place():

@@ -12,11 +12,13 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core.errors import LLMError, StoreError
-from core.jobs import JobQueue, held_key, summary_job_id
+from core.jobs import CONTEXT_CHANNEL, ContextSummary, JobQueue, held_key, summary_job_id
 from core.llm import LLM, make_llm
+from core.llm.tokens import estimate
 from core.settings import Settings
-from core.store import MESSAGE_TYPES, Store, open_store
+from core.store import CONTEXT_SUMMARY, MESSAGE_TYPES, NewEvent, Store, StoredEvent, open_store
 
+from .compact import compact
 from .metrics import WorkerMetrics
 from .summarize import summarize
 
@@ -69,8 +71,11 @@ async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool
             return _done("session is live", fields, ctx)
         if state.up_to_date and not force:
             return _done("up to date", fields, ctx)
-        events = await store.events(session_id, types=MESSAGE_TYPES, after=0)
-        summary = await summarize(llm, events, settings)
+        # A long session's context summary already holds its beginning: start from it.
+        earlier = await _last_context_summary(store, session_id)
+        after = 0 if earlier is None else _through(earlier)
+        events = await store.events(session_id, types=MESSAGE_TYPES, after=after)
+        summary = await summarize(llm, events, settings, earlier=None if earlier is None else earlier.content)
         end_time = state.end_time or state.last_message_at or datetime.now(UTC)
         saved = await store.save_summary(
             session_id, summary=summary, through_event_id=state.last_message_id, end_time=end_time
@@ -83,17 +88,103 @@ async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool
     return _done("summarised" if saved else "a newer summary exists", fields, ctx)
 
 
-def _retry_or_fail(ctx: dict[str, Any], settings: Settings, fields: dict[str, Any], error: Exception) -> NoReturn:
+async def compact_context(ctx: dict[str, Any], session_id: str, through: int) -> dict[str, Any]:
+    """Write the session's next context summary: the previous one folded with its messages up to `through`; store
+    it as a `context_summary` event and announce it to the servers. Idempotent: a cursor already covered is only
+    announced again (the server that asked may have missed it)."""
+    settings: Settings = ctx["settings"]
+    store: Store = ctx["store"]
+    started = time.perf_counter()
+    fields: dict[str, Any] = {"session_id": session_id, "through": through, "try": ctx.get("job_try", 1)}
+    try:
+        previous = await _last_context_summary(store, session_id)
+        if previous is not None and _through(previous) >= through:
+            await _announce(ctx, session_id, previous)
+            return _compacted("already covered", fields, ctx)
+        after = 0 if previous is None else _through(previous)
+        events = [e for e in await store.events(session_id, types=MESSAGE_TYPES, after=after) if e.id <= through]
+        if not events:
+            return _compacted("no messages", fields, ctx)
+        text, tokens = await compact(ctx["llm"], None if previous is None else previous.content, events, settings)
+        # A job that ran beside this one (asked again after a timeout) may have covered more meanwhile.
+        latest = await _last_context_summary(store, session_id)
+        if latest is not None and _through(latest) >= through:
+            await _announce(ctx, session_id, latest)
+            return _compacted("a newer summary exists", fields, ctx)
+        meta = {
+            "through": through,
+            "tokens": tokens if tokens is not None else estimate(text),
+            "tokens_counted_by": "provider" if tokens is not None else "estimate",
+            "previous_through": after,
+            "messages": len(events),
+            "model": ctx["llm"].model,
+        }
+        [event_id] = await store.append_events(
+            [
+                NewEvent(
+                    session_id=session_id,
+                    event_type=CONTEXT_SUMMARY,
+                    content=text,
+                    event_key=f"context_summary:{through}",
+                    created_at=datetime.now(UTC),
+                    metadata=meta,
+                )
+            ]
+        )
+    except (LLMError, StoreError) as e:
+        _retry_or_fail(ctx, settings, fields, e, what="compaction")
+    await _publish(ctx, ContextSummary(session_id, event_id, through, meta["tokens"], text))
+    fields.update(
+        tokens=meta["tokens"], messages=len(events), latency_ms=round((time.perf_counter() - started) * 1000, 1)
+    )
+    return _compacted("compacted", fields, ctx)
+
+
+async def _last_context_summary(store: Store, session_id: str) -> StoredEvent | None:
+    found = await store.events(session_id, types=(CONTEXT_SUMMARY,), limit=1)
+    return found[0] if found else None
+
+
+def _through(summary: StoredEvent) -> int:
+    return int(summary.metadata.get("through", 0))
+
+
+async def _announce(ctx: dict[str, Any], session_id: str, summary: StoredEvent) -> None:
+    tokens = summary.metadata.get("tokens")
+    text = summary.content or ""
+    tokens = tokens if isinstance(tokens, int) else estimate(text)
+    await _publish(ctx, ContextSummary(session_id, summary.id, _through(summary), tokens, text))
+
+
+async def _publish(ctx: dict[str, Any], summary: ContextSummary) -> None:
+    """Tell the servers. Lost (Redis away), the server asks again later, or rereads the store at the next connect."""
+    try:
+        await ctx["redis"].publish(CONTEXT_CHANNEL, summary.encode())
+    except (RedisError, OSError) as e:
+        log.warning(
+            "context summary not announced", extra={"fields": {"session_id": summary.session_id, "error": str(e)}}
+        )
+
+
+def _compacted(outcome: str, fields: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    ctx["metrics"].compactions.labels(outcome).inc()
+    log.info("compaction job done", extra={"fields": {**fields, "outcome": outcome}})
+    return {"session_id": fields["session_id"], "outcome": outcome}
+
+
+def _retry_or_fail(
+    ctx: dict[str, Any], settings: Settings, fields: dict[str, Any], error: Exception, *, what: str = "summary"
+) -> NoReturn:
     tries = int(ctx.get("job_try", 1))
     fields["error"] = str(error)
     if tries >= settings.summary_max_tries:
         ctx["metrics"].failures.inc()
-        log.error("summary failed, giving up", extra={"fields": fields})
-        raise SummaryFailed(f"no summary after {tries} tries: {error}") from error
+        log.error(f"{what} failed, giving up", extra={"fields": fields})
+        raise SummaryFailed(f"no {what} after {tries} tries: {error}") from error
     delay = settings.summary_retry_base_s * 2 ** (tries - 1)
     fields["retry_in_s"] = delay
     ctx["metrics"].retries.inc()
-    log.warning("summary failed, will retry", extra={"fields": fields})
+    log.warning(f"{what} failed, will retry", extra={"fields": fields})
     raise Retry(defer=delay) from error
 
 

@@ -24,6 +24,9 @@ class WorkerMetrics:
         self.retries = Counter(
             "rt_worker_job_retries_total", "Summary job tries that failed and were deferred", registry=r
         )
+        self.compactions = Counter(
+            "rt_worker_compactions_total", "Context compaction jobs finished, by outcome", ["outcome"], registry=r
+        )
         self.summary_seconds = Histogram(
             "rt_summary_seconds", "Time to make and store one summary", buckets=_SUMMARY_BUCKETS, registry=r
         )

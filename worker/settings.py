@@ -7,10 +7,10 @@ from typing import Any
 from arq import cron, func
 from arq.connections import RedisSettings
 
-from core.jobs import RECOVER_JOB, SUMMARIZE_JOB, SWEEP_JOB
+from core.jobs import COMPACT_JOB, RECOVER_JOB, SUMMARIZE_JOB, SWEEP_JOB
 from core.settings import Settings
 
-from .jobs import shutdown, startup, summarize_session, sweep_sessions
+from .jobs import compact_context, shutdown, startup, summarize_session, sweep_sessions
 from .recovery import recover_answers
 
 
@@ -22,6 +22,12 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             func(
                 summarize_session,
                 name=SUMMARIZE_JOB,
+                max_tries=settings.summary_max_tries,
+                timeout=settings.summary_job_timeout_s,
+            ),
+            func(
+                compact_context,
+                name=COMPACT_JOB,
                 max_tries=settings.summary_max_tries,
                 timeout=settings.summary_job_timeout_s,
             ),

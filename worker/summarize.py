@@ -42,9 +42,12 @@ def chunk(lines: Sequence[str], max_chars: int) -> list[list[str]]:
     return chunks
 
 
-async def summarize(llm: LLM, events: Sequence[StoredEvent], settings: Settings) -> str:
-    """A summary of the conversation in `events`; raises LLMError when the model fails."""
+async def summarize(llm: LLM, events: Sequence[StoredEvent], settings: Settings, *, earlier: str | None = None) -> str:
+    """A summary of the conversation in `events`, after what `earlier` (its context summary) covers; raises
+    LLMError when the model fails."""
     lines = transcript_lines(events)
+    if earlier:
+        lines.insert(0, f"(Summary of the conversation before the messages below: {earlier})")
     if not lines:
         return "No messages were exchanged in this session."
     if llm.model == OFFLINE_MODEL:
@@ -71,13 +74,14 @@ async def _ask(llm: LLM, instruction: str, text: str, max_tokens: int) -> str:
 def offline_summary(lines: Sequence[str]) -> str:
     """What the offline demo model can honestly say about a conversation: its shape, and where it started and ended."""
     users = [line.removeprefix("User: ") for line in lines if line.startswith("User: ")]
-    answers = len(lines) - len(users)
+    answers = sum(line.startswith("Assistant: ") for line in lines)
 
     def quote(text: str) -> str:
         text = " ".join(text.split())
         return f'"{text[:80]}…"' if len(text) > 80 else f'"{text}"'
 
-    summary = f"Offline demo summary: {len(users)} user message(s) and {answers} answer(s)."
+    summary = f"Offline demo summary: {len(users)} user message(s) and {answers} answer(s)"
+    summary += " after its context summary." if lines and lines[0].startswith("(Summary") else "."
     if users:
         summary += f" It began with {quote(users[0])}"
         summary += f" and ended with {quote(users[-1])}." if len(users) > 1 else "."

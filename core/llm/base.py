@@ -45,9 +45,13 @@ class LLM(Protocol):
         self, messages: Sequence[ChatMessage], stats: StreamStats, *, max_tokens: int | None = None
     ) -> AsyncGenerator[str, None]: ...
 
-    async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None) -> str:
-        """The whole answer at once, for callers that do not show it as it comes (summaries)."""
-        async with aclosing(self.stream(messages, StreamStats(), max_tokens=max_tokens)) as pieces:
+    async def complete(
+        self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None, stats: StreamStats | None = None
+    ) -> str:
+        """The whole answer at once, for callers that do not show it as it comes (summaries); `stats` gets the
+        usage the provider reports."""
+        stats = StreamStats() if stats is None else stats
+        async with aclosing(self.stream(messages, stats, max_tokens=max_tokens)) as pieces:
             return "".join([piece async for piece in pieces])
 
     async def close(self) -> None: ...

@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from ..settings import OFFLINE_MODEL
 from .base import LLM, ChatMessage, StreamStats
+from .tokens import MESSAGE_OVERHEAD, REPLY_OVERHEAD, estimate
 
 _QUOTE_MAX = 200
 _PIECE_RE = re.compile(r"\S+\s*")
@@ -28,14 +29,18 @@ class OfflineLLM(LLM):
         pieces: list[str] = _PIECE_RE.findall(reply_for(messages))
         truncated = max_tokens is not None and len(pieces) > max_tokens
         pieces = pieces[:max_tokens]
-        stats.prompt_tokens = sum(len(m["content"].split()) for m in messages)
+        # Counted as the service estimates tokens, so that the demo's context budget behaves as a real one.
+        # `max_tokens` counts pieces (words).
+        stats.prompt_tokens = sum(estimate(m["content"]) + MESSAGE_OVERHEAD for m in messages) + REPLY_OVERHEAD
         stats.completion_tokens = 0
+        said = ""
         for i, piece in enumerate(pieces):
             # Sleeping even for 0 s yields control, as a network read would: other sessions keep moving.
             await asyncio.sleep(self._token_delay_s if i else 0)
             if i == 0:
                 stats.first_token_s = loop.time() - started
-            stats.completion_tokens = i + 1
+            said += piece
+            stats.completion_tokens = estimate(said)
             yield piece
         stats.finish_reason = "length" if truncated else "stop"
 

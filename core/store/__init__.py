@@ -7,6 +7,7 @@ from ..settings import Settings
 from .base import (
     AI_MESSAGE,
     CONNECTED,
+    CONTEXT_SUMMARY,
     DISCONNECTED,
     MESSAGE_TYPES,
     USER_MESSAGE,
@@ -21,6 +22,7 @@ from .base import (
 __all__ = [
     "AI_MESSAGE",
     "CONNECTED",
+    "CONTEXT_SUMMARY",
     "DISCONNECTED",
     "MESSAGE_TYPES",
     "USER_MESSAGE",

@@ -15,6 +15,9 @@ AI_MESSAGE: Final = "ai_message"
 CONNECTED: Final = "connected"
 DISCONNECTED: Final = "disconnected"
 MESSAGE_TYPES: Final = (USER_MESSAGE, AI_MESSAGE)
+# What the model's context starts from once a session is long: its `metadata` names the last message it covers
+# (`through`) and its length in tokens (`tokens`). Not a message: counts and summaries ignore it.
+CONTEXT_SUMMARY: Final = "context_summary"
 
 
 def without_nul(value: Any) -> Any:

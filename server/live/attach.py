@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from core.errors import Forbidden, StoreUnavailable
 from core.settings import Settings
-from core.store import MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
+from core.store import CONTEXT_SUMMARY, MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
 
 from ..eventlog import EventLog
 from .broker import Broker
@@ -59,8 +59,16 @@ class Attacher:
     async def reload(self, session: Session) -> None:
         """The context again from the store, once another server stored the answer it generated."""
         async with asyncio.timeout(self._settings.store_connect_timeout_s):
-            history = await self._store.events(session.id, types=MESSAGE_TYPES, limit=self._settings.history_limit)
-        session.conversation.reload(history)
+            history, summary = await self._context(session.id)
+        session.conversation.reload(history, summary)
+
+    async def _context(self, session_id: str) -> tuple[list[StoredEvent], StoredEvent | None]:
+        """The session's recent messages and its last context summary, read side by side."""
+        history, summaries = await asyncio.gather(
+            self._store.events(session_id, types=MESSAGE_TYPES, limit=self._settings.history_limit),
+            self._store.events(session_id, types=(CONTEXT_SUMMARY,), limit=1),
+        )
+        return history, summaries[0] if summaries else None
 
     async def _check_owner(self, session: Session, user_id: str) -> None:
         """A session with no owner, made while authentication was off, belongs to nobody."""
@@ -81,9 +89,9 @@ class Attacher:
             if owner_id is not None and opened.record.owner_id != owner_id:
                 # Someone else created it between the ownership check and here.
                 raise Forbidden(f"session {session.id!r} belongs to another user")
-            history = await self._store.events(session.id, types=MESSAGE_TYPES, limit=self._settings.history_limit)
+            history, summary = await self._context(session.id)
             turns = session.conversation.turns if session.loaded else await self._count_turns(session.id, history)
-        session.opened(opened.record, history, turns=turns)
+        session.opened(opened.record, history, summary, turns=turns)
         return opened, history
 
     async def _count_turns(self, session_id: str, history: list[StoredEvent]) -> int:

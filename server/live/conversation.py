@@ -11,7 +11,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from core.errors import LLMError, ProtocolError
+from core.jobs import ContextSummary, JobQueue
 from core.llm import LLM
+from core.llm.tokens import Counter, estimate
 from core.settings import Settings
 from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
 from core.tasks import TaskSet, succeeded
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
     from .broker import Broker
 
 log = logging.getLogger(__name__)
+
+# A compaction asked for and not seen landing within this is asked for again (a lost announcement, a worker that
+# gave up): the worker then publishes the summary it has, or writes a newer one.
+COMPACT_RETRY_S = 60.0
 
 
 class Conversation:
@@ -48,6 +54,8 @@ class Conversation:
         settings: Settings,
         metrics: Metrics,
         broker: Broker | None = None,
+        jobs: JobQueue | None = None,
+        count: Counter = estimate,
     ) -> None:
         self.session_id = session_id
         self._broker = broker
@@ -58,7 +66,11 @@ class Conversation:
         self._llm = llm
         self._settings = settings
         self._metrics = metrics
-        self.context = Context(settings.system_prompt, max_chars=settings.context_max_chars)
+        self._jobs = jobs
+        self._count = count
+        self.context = self._new_context()
+        # The compaction asked of the worker and not yet applied: (its cursor, when asked, loop time).
+        self._compacting: tuple[int, float] | None = None
         self.audience = Audience()
         # client_msg_id -> its stored id, or the future of it while the write is pending.
         self._client_msgs: dict[str, int | asyncio.Future[int]] = {}
@@ -76,15 +88,20 @@ class Conversation:
         self.turns = 0
         self.last_message: asyncio.Future[int] | None = None
 
-    def reload(self, history: list[StoredEvent]) -> None:
+    def _new_context(self) -> Context:
+        s = self._settings
+        return Context(s.system_prompt, budget=s.context_max_tokens, compact_at=s.context_compact_at, count=self._count)
+
+    def reload(self, history: list[StoredEvent], summary: StoredEvent | None) -> None:
         """The context rebuilt from the store (another server answered meanwhile). Messages still waiting here are
         left out: each joins the context when its turn comes, after the answers before it."""
         waiting = {t.stored.result() for t in self._waiting if t.stored is not None and succeeded(t.stored)}
-        self.context = Context(self._settings.system_prompt, max_chars=self._settings.context_max_chars)
-        self.context.load(e for e in history if e.id not in waiting)
+        self.context = self._new_context()
+        self.context.load((e for e in history if e.id not in waiting), summary)
 
-    def load(self, history: list[StoredEvent], *, turns: int) -> None:
-        self.context.load(history)
+    def load(self, history: list[StoredEvent], summary: StoredEvent | None, *, turns: int) -> None:
+        """The context from the store: the last context summary and the messages after it."""
+        self.context.load(history, summary)
         for event in history:
             if event.event_type == USER_MESSAGE and event.client_msg_id is not None:
                 self._client_msgs[event.client_msg_id] = event.id
@@ -122,6 +139,11 @@ class Conversation:
             )
         if self.busy and len(self._waiting) >= settings.max_pending_messages:
             raise ProtocolError(protocol.BUSY, "too many messages are waiting for an answer")
+        if not self.context.fits(text):
+            raise ProtocolError(
+                protocol.MESSAGE_TOO_LONG,
+                f"this message does not fit the model's context budget ({settings.context_max_tokens} tokens)",
+            )
         stored = self.last_message = self.record(USER_MESSAGE, text, client_msg_id=client_msg_id)
         if client_msg_id is not None:
             self._client_msgs[client_msg_id] = stored
@@ -193,6 +215,24 @@ class Conversation:
             self.cancel()
             await asyncio.wait((task,))
 
+    def summarised(self, summary: ContextSummary) -> None:
+        """The worker stored a new context summary: the next request starts from it. An answer streaming now
+        keeps the request it was sent with."""
+        changed = self.context.summarised(summary.text, through=summary.through, tokens=summary.tokens)
+        if self._compacting is not None and self._compacting[0] <= summary.through:
+            self._compacting = None
+        if changed is None:
+            return
+        before, after = changed
+        self._metrics.context_compactions.labels("applied").inc()
+        log.info(
+            "context compacted",
+            extra={
+                "fields": {"session_id": self.session_id, "through": summary.through, "before": before, "after": after}
+            },
+        )
+        self.audience.put(protocol.context_compacted(summary.through, tokens_before=before, tokens_after=after))
+
     def record(
         self, event_type: str, content: str | None, metadata: dict[str, Any] | None = None, **keys: str | None
     ) -> asyncio.Future[int]:
@@ -216,15 +256,16 @@ class Conversation:
         answer = Answer("resp_" + secrets.token_hex(8))
         self.running.local = (turn, answer)
         context = self.context
-        context.add("user", turn.text)
+        context.add("user", turn.text, stored=turn.stored)
         if self._publisher is not None:
             self._publisher.started(answer, turn.client_msg_id)
         await audience.send(protocol.response_started(answer.response_id, turn.client_msg_id))
         status, error = await self._stream(answer, context)
         self.running.local = None
         text = self._settings.fallback_text if error is not None else answer.text
-        if error is None:
-            context.add("assistant", text)
+        stats = answer.stats
+        if stats.prompt_tokens is not None:
+            context.observed(stats.prompt_tokens)
         error_code, error_message = (None, "") if error is None else (error.code, str(error))
         done = protocol.response_done(
             answer.response_id, status=status, text=text, error_code=error_code, error_message=error_message
@@ -234,6 +275,10 @@ class Conversation:
             self._publisher.done(status=status, text=text, error_code=error_code, error_message=error_message)
         meta = answers.metadata(answer, turn, status=status, model=self._llm.model, error=error)
         self.last_message = stored = self.record(AI_MESSAGE, text, meta, event_key=answer.response_id)
+        if error is None and self.context is context:
+            # The provider's count of a whole answer is its count as context too; a cut one is estimated.
+            exact = status == protocol.COMPLETED and not answer.truncated
+            context.add("assistant", text, stored=stored, tokens=stats.completion_tokens if exact else None)
         rid = answer.response_id
         stored.add_done_callback(lambda f: self._answer_stored(f, rid, text, status))
         answers.observe(self._metrics, self.session_id, answer, status=status, error=error)
@@ -242,11 +287,19 @@ class Conversation:
     async def _stream(self, answer: Answer, context: Context) -> tuple[str, LLMError | None]:
         if self._cancel_asked:
             return protocol.CANCELLED, None
+        try:
+            messages, dropped = context.request()
+        except LLMError as e:
+            return protocol.FAILED, e
+        if dropped:
+            self._metrics.context_trimmed.inc(dropped)
+        if self._jobs is not None and context.wants_compaction():
+            self._compact(context)
         self._streaming = True
         try:
             await answers.stream(
                 self._llm,
-                context.messages(),
+                messages,
                 answer,
                 self.audience,
                 self._publisher,
@@ -265,6 +318,19 @@ class Conversation:
         finally:
             self._streaming = False
         return protocol.COMPLETED, None
+
+    def _compact(self, context: Context) -> None:
+        """Ask the worker for a new context summary, unless one is asked for already (and not overdue)."""
+        assert self._jobs is not None
+        now = asyncio.get_running_loop().time()
+        if self._compacting is not None and now - self._compacting[1] < COMPACT_RETRY_S:
+            return
+        through = context.compaction_cursor()
+        if through is None:
+            return
+        self._compacting = (through, now)
+        self._metrics.context_compactions.labels("requested").inc()
+        self._tasks.spawn(self._jobs.compact(self.session_id, through=through, tokens=context.tokens))
 
     def _answer_stored(self, stored: asyncio.Future[int], response_id: str, text: str, status: str) -> None:
         if not succeeded(stored):

@@ -11,7 +11,7 @@ from contextlib import suppress
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from core.jobs import held_key
+from core.jobs import CONTEXT_CHANNEL, ContextSummary, held_key
 from core.livestream import CANCEL_CHANNEL, split_member
 from core.tasks import TaskSet
 
@@ -58,6 +58,7 @@ class Presence:
         self._tasks = TaskSet()
         self._on_release_request: Callable[[str], None] = lambda session_id: None
         self._on_cancel_request: Callable[[str, str], None] = lambda session_id, response_id: None
+        self._on_context_summary: Callable[[ContextSummary], None] = lambda summary: None
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._skip_redis_until = 0.0
@@ -65,6 +66,10 @@ class Presence:
     def on_cancel_request(self, callback: Callable[[str, str], None]) -> None:
         """Called with (session id, response id) when a connection on another server cancels an answer."""
         self._on_cancel_request = callback
+
+    def on_context_summary(self, callback: Callable[[ContextSummary], None]) -> None:
+        """Called with each context summary the worker announces (for any session: the callee picks its own)."""
+        self._on_context_summary = callback
 
     def on_release_request(self, callback: Callable[[str], None]) -> None:
         """Called with a session id when another server asks for a session this one holds."""
@@ -151,7 +156,7 @@ class Presence:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(RELEASE_CHANNEL, CANCEL_CHANNEL)
+                    await pubsub.subscribe(RELEASE_CHANNEL, CANCEL_CHANNEL, CONTEXT_CHANNEL)
                     while True:
                         # A short wait, well inside the client's socket timeout: a quiet channel is not an error.
                         message = await pubsub.get_message(timeout=1.0)
@@ -161,11 +166,21 @@ class Presence:
                         text = data.decode() if isinstance(data, bytes) else str(data)
                         if channel in (CANCEL_CHANNEL, CANCEL_CHANNEL.encode()):
                             self._on_cancel_request(*split_member(text))
+                        elif channel in (CONTEXT_CHANNEL, CONTEXT_CHANNEL.encode()):
+                            self._context_summary(text)
                         elif text in self._held:
                             self._on_release_request(text)
             except (RedisError, OSError) as e:
                 log.warning("release channel lost, resubscribing", extra={"fields": {"error": str(e)}})
                 await asyncio.sleep(1.0)
+
+    def _context_summary(self, text: str) -> None:
+        try:
+            summary = ContextSummary.decode(text)
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("unreadable context summary announcement", extra={"fields": {"error": str(e)}})
+            return
+        self._on_context_summary(summary)
 
     async def _let_go(self, session_id: str) -> None:
         # When Redis is away the lease simply expires.

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterator
 
+from core.jobs import ContextSummary
 from core.tasks import TaskSet
 
 from ..eventlog import EventWriter
@@ -103,6 +104,12 @@ class Registry:
         session = self._sessions.get(session_id)
         if session is not None:
             session.conversation.cancel_response(response_id)
+
+    def context_summary(self, summary: ContextSummary) -> None:
+        """The worker stored a context summary; a session live here uses it from its next request."""
+        session = self._sessions.get(summary.session_id)
+        if session is not None:
+            session.conversation.summarised(summary)
 
     async def sweep_stalled(self) -> None:
         """Runs until cancelled: cut off every connection whose peer stopped reading (see `Outbox`)."""

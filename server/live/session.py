@@ -51,11 +51,13 @@ class Session:
         self.start_time: datetime | None = None
         self.ended_at: datetime | None = None
 
-    def opened(self, record: SessionRecord, history: list[StoredEvent], *, turns: int) -> None:
+    def opened(
+        self, record: SessionRecord, history: list[StoredEvent], summary: StoredEvent | None, *, turns: int
+    ) -> None:
         """The store opened (or resumed) the session. A session still live here keeps its conversation, which
         also holds what is not yet stored; otherwise the conversation is rebuilt from the store."""
         if not self.loaded:
-            self.conversation.load(history, turns=turns)
+            self.conversation.load(history, summary, turns=turns)
             self.loaded = True
         self.start_time = record.start_time
         self.ended_at = None

@@ -7,6 +7,7 @@ import itertools
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,22 @@ from aiohttp import web
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _WORD_RE = re.compile(r"\S+\s*")
 _POLL_S = 0.01
+# The stand-in's tokenizer, close to a byte-level BPE and unlike four characters a token (a guess from characters
+# fails against it): letter runs of up to four, digits in threes, every other symbol and every non-ASCII
+# character a token of its own. Each message costs three more, the reply's priming three.
+_TOKEN_RE = re.compile(r" ?[A-Za-z]{1,4}|\d{1,3}|[^\x00-\x7f]| ?[^\sA-Za-z\d]|\s+")
+MESSAGE_TOKENS = 3
+REPLY_TOKENS = 3
+
+
+def count_tokens(text: str) -> int:
+    """Tokens in `text` as this stand-in counts them."""
+    return len(_TOKEN_RE.findall(text))
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """A request's prompt tokens as this stand-in counts (and reports) them."""
+    return sum(count_tokens(str(m.get("content", ""))) + MESSAGE_TOKENS for m in messages) + REPLY_TOKENS
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,10 @@ class FakeOpenAI:
         self.token_delay = 0.0
         # OpenAI sends usage on a stream only when asked; False plays a server that ignores `stream_options`.
         self.reports_usage = True
+        # Answers every request that no scenario scripts, when set (a test's model, e.g. a summariser).
+        self.responder: Callable[[list[dict[str, Any]]], str] | None = None
+        # Requests it returns True for get a 500, as a provider's outage gives.
+        self.failing: Callable[[list[dict[str, Any]]], bool] | None = None
         self.disconnects = 0
         self._scripts: deque[Scenario] = deque()
         self._ids = itertools.count(1)
@@ -147,12 +168,16 @@ class FakeOpenAI:
         self._scripts.clear()
         self.token_delay = 0.0
         self.reports_usage = True
+        self.responder = None
+        self.failing = None
         self.disconnects = 0
 
     def script(self, *scenarios: Scenario) -> None:
         self._scripts.extend(scenarios)
 
     def reply_for(self, messages: list[dict[str, Any]]) -> str:
+        if self.responder is not None:
+            return self.responder(messages)
         said = [m.get("content") for m in messages if m.get("role") == "user"]
         last = said[-1] if said and isinstance(said[-1], str) else "(nothing)"
         return f"You said: {last}"
@@ -172,6 +197,8 @@ class FakeOpenAI:
         body: dict[str, Any] = await request.json(loads=orjson.loads)
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        if self.failing is not None and self.failing(body.get("messages", [])):
+            return web.json_response(_error_body("The server had an error.", "server_error", None), status=500)
         scenario = self._scripts.popleft() if self._scripts else Scenario()
         try:
             if scenario.kind == "hang":
@@ -224,7 +251,7 @@ class FakeOpenAI:
         elif scenario.kind == "reply":
             events.append(chunk({}, "stop"))
             if usage_wanted:
-                counts = {"prompt_tokens": _count_words(body), "completion_tokens": len(pieces)}
+                counts = {"prompt_tokens": prompt_tokens(body["messages"]), "completion_tokens": count_tokens(text)}
                 events.append(chunk({}, usage={**counts, "total_tokens": sum(counts.values())}))
             events.append(b"data: [DONE]\n\n")
 
@@ -253,8 +280,8 @@ class FakeOpenAI:
 
     def _completion(self, body: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
         text = scenario.text if scenario.text is not None else self.reply_for(body.get("messages", []))
-        completion_tokens = len(_WORD_RE.findall(text))
-        prompt_tokens = _count_words(body)
+        completion_tokens = count_tokens(text)
+        prompt = prompt_tokens(body["messages"])
         return {
             "id": f"chatcmpl-fake{next(self._ids)}",
             "object": "chat.completion",
@@ -270,15 +297,11 @@ class FakeOpenAI:
                 }
             ],
             "usage": {
-                "prompt_tokens": prompt_tokens,
+                "prompt_tokens": prompt,
                 "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
+                "total_tokens": prompt + completion_tokens,
             },
         }
-
-
-def _count_words(body: dict[str, Any]) -> int:
-    return sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
 
 
 def _gone(request: web.Request) -> bool:
