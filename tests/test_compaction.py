@@ -195,10 +195,14 @@ async def test_a_reconnect_to_another_server_rebuilds_the_same_context(
     fake_llm.responder = model
     budget = 400
     first = await make_client(context_max_tokens=budget, **UNLIMITED)
+    second = await make_client(context_max_tokens=budget, **UNLIMITED)
     async with worker_process(settings, tmp_path / "worker.log", CONTEXT_MAX_TOKENS=str(budget)):
         ws = await first.ws_connect("/ws/session/moved")
         await receive(ws)
         await turn(ws, FACT)
+        # A watcher on the other server is told of the compaction too.
+        watcher = await second.ws_connect("/ws/session/moved?mode=watch")
+        await receive(watcher)
         i = 1
         seen: list[dict[str, Any]] = []
         while not any(e["type"] == "context.compacted" for e in seen):
@@ -210,8 +214,10 @@ async def test_a_reconnect_to_another_server_rebuilds_the_same_context(
         # One more turn on this server, well under the threshold again: the context as this server holds it.
         done = await turn(ws, question(i + 1))
         here = chat_requests(fake_llm)[-1]
+        told = (await receive_until(watcher, "context.compacted"))[-1]
+        assert told["through"] == next(e for e in seen if e["type"] == "context.compacted")["through"]
+        await watcher.close()
 
-        second = await make_client(context_max_tokens=budget, **UNLIMITED)
         again = await second.ws_connect("/ws/session/moved")
         ready = await receive(again)
         assert ready["resumed"] is True
@@ -236,7 +242,7 @@ async def test_a_reconnect_to_another_server_rebuilds_the_same_context(
     ids=["english", "chinese"],
 )
 async def test_every_request_fits_the_budget_whether_or_not_the_provider_reports_usage(
-    make_client, fake_llm, usage, text
+    make_client, db, fake_llm, usage, text
 ):
     fake_llm.reports_usage = usage
     budget = 200
@@ -251,6 +257,20 @@ async def test_every_request_fits_the_budget_whether_or_not_the_provider_reports
     # The budget was used, not wasted: the trimmed requests are at least half full.
     assert min(fake.prompt_tokens(r) for r in requests[10:]) >= budget / 2
     assert await metric(client, "rt_context_trimmed_total") > 0
+    # Each answer's usage is stored: the provider's, or our own count marked as an estimate.
+    session_id = f"budget-{usage}-{text.isascii()}"
+    rows = await eventually(
+        lambda: db.fetch(
+            "select metadata from session_events where session_id = $1 and event_type = 'ai_message'", session_id
+        )
+    )
+    meta = orjson.loads(rows[-1]["metadata"])
+    if usage:
+        assert meta["prompt_tokens"] == fake.prompt_tokens(requests[len(rows) - 1]) and "tokens_estimated" not in meta
+    else:
+        assert meta["tokens_estimated"] is True
+        assert fake.prompt_tokens(requests[len(rows) - 1]) <= meta["prompt_tokens"] <= budget
+        assert meta["completion_tokens"] >= fake.count_tokens("Okay, noted.")
 
 
 async def test_a_message_longer_than_the_whole_budget_is_refused_and_not_stored(make_client, db, fake_llm):

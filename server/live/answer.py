@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from core.errors import LLMError, ProtocolError
 from core.llm import LLM, ChatMessage, StreamStats
+from core.llm.tokens import estimate
 
 from .. import protocol
 from ..metrics import Metrics
@@ -39,6 +40,8 @@ class Answer:
     stats: StreamStats = field(default_factory=StreamStats)
     truncated: bool = False
     first_delta_at: float | None = None
+    # The request's tokens as we counted them before sending it, for when the provider reports no usage.
+    request_tokens: int | None = None
 
     @property
     def text(self) -> str:
@@ -91,20 +94,29 @@ async def stream(
 def metadata(answer: Answer, turn: Turn, *, status: str, model: str, error: LLMError | None) -> dict[str, Any]:
     """The facts stored with the answer."""
     stats = answer.stats
+    prompt_tokens, completion_tokens = stats.prompt_tokens, stats.completion_tokens
+    # A provider that reports no usage (or an answer cut before its usage came): our own count, marked so.
+    estimated = prompt_tokens is None or (completion_tokens is None and bool(answer.parts))
+    if prompt_tokens is None:
+        prompt_tokens = answer.request_tokens
+    if completion_tokens is None and answer.parts:
+        completion_tokens = estimate(answer.text)
     meta: dict[str, Any] = {
         "status": status,
         "response_id": answer.response_id,
         "model": model,
         "latency_ms": round((time.time() - turn.received_at) * 1000, 1),
         "first_token_ms": None if stats.first_token_s is None else round(stats.first_token_s * 1000, 1),
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
         "retries": stats.retries,
         "in_reply_to": turn.client_msg_id,
         # Wall-clock times (epoch seconds): when the message arrived and when its first delta left.
         "received_at": round(turn.received_at, 6),
         "first_delta_at": answer.first_delta_at,
     }
+    if estimated and prompt_tokens is not None:
+        meta["tokens_estimated"] = True
     if answer.truncated:
         meta["truncated"] = True
     if error is not None:

@@ -125,8 +125,11 @@ class Context:
             if event.event_type == USER_MESSAGE:
                 self.add("user", event.content or "", stored=event.id)
             elif event.event_type == AI_MESSAGE and event.metadata.get("status") != "failed":
-                exact = event.metadata.get("status") == "completed" and not event.metadata.get("truncated")
-                tokens = event.metadata.get("completion_tokens") if exact else None
+                meta = event.metadata
+                exact = (
+                    meta.get("status") == "completed" and not meta.get("truncated") and not meta.get("tokens_estimated")
+                )
+                tokens = meta.get("completion_tokens") if exact else None
                 self.add("assistant", event.content or "", stored=event.id, tokens=tokens)
 
     def request(self) -> tuple[list[ChatMessage], int]:

@@ -291,6 +291,7 @@ class Conversation:
             messages, dropped = context.request()
         except LLMError as e:
             return protocol.FAILED, e
+        answer.request_tokens = context.tokens
         if dropped:
             self._metrics.context_trimmed.inc(dropped)
         if self._jobs is not None and context.wants_compaction():
