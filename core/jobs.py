@@ -17,6 +17,8 @@ from arq.jobs import Job
 from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError
 
+from . import telemetry
+
 log = logging.getLogger(__name__)
 
 SUMMARIZE_JOB: Final = "summarize_session"
@@ -95,11 +97,15 @@ class JobQueue:
         job_id: str,
         delay_s: float = 0.0,
         force: bool = False,
+        trace: dict[str, str] | None = None,
         **fields: Any,
     ) -> Job | None:
         """Ask the worker to summarise the session; the Job, or None when Redis refused it or a job of that id
         exists already (that state is summarised or about to be)."""
         kwargs: dict[str, Any] = {"force": True} if force else {}
+        if trace:
+            # The session's trace context: the worker's span for the job is a child in that trace.
+            kwargs["trace"] = trace
         try:
             job = await self._redis.enqueue_job(
                 SUMMARIZE_JOB, session_id, **kwargs, _job_id=job_id, _defer_by=delay_s or None
@@ -118,7 +124,9 @@ class JobQueue:
         None when Redis refused it or that compaction is already asked for. Never raises."""
         job_id = compact_job_id(session_id, through=through)
         try:
-            job = await self._redis.enqueue_job(COMPACT_JOB, session_id, through, _job_id=job_id)
+            trace = telemetry.inject()
+            kwargs: dict[str, Any] = {"trace": trace} if trace else {}
+            job = await self._redis.enqueue_job(COMPACT_JOB, session_id, through, **kwargs, _job_id=job_id)
         except (RedisError, OSError) as e:
             log.warning("compaction not enqueued", extra={"fields": {"session_id": session_id, "error": str(e)}})
             return None

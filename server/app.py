@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import weakref
@@ -11,6 +12,7 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool
 
+from core import telemetry
 from core.jobs import JobQueue
 from core.llm import make_llm
 from core.llm.tokens import counter_for
@@ -50,6 +52,13 @@ from .parsing import handler_args
 from .ratelimit import UserRateLimiter
 
 log = logging.getLogger(__name__)
+
+
+async def _telemetry(app: web.Application) -> AsyncIterator[None]:
+    """Traces, when OTEL_EXPORTER_OTLP_ENDPOINT is set (core/telemetry.py); the last spans exported at the end."""
+    telemetry.setup("realtime-ai-server")
+    yield
+    await asyncio.to_thread(telemetry.shutdown)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
@@ -186,7 +195,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SOCKETS] = weakref.WeakSet()
-    app.cleanup_ctx.extend([_store, _redis, _llm, _auth, _live])
+    app.cleanup_ctx.extend([_telemetry, _store, _redis, _llm, _auth, _live])
     app.on_shutdown.append(ws.close_sockets)
     app.router.add_get("/", api.index)
     app.router.add_get("/ws/session/{session_id}", ws.session_socket)

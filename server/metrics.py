@@ -11,6 +11,11 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
+# The GenAI conventions' advised boundaries.
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+
+
 class Metrics:
     """Every metric the server records. Counters are bumped per message or answer, never per token."""
 
@@ -38,6 +43,21 @@ class Metrics:
         self.deltas_streamed = Counter("rt_deltas_streamed_total", "Delta frames sent to clients", registry=r)
         self.completion_tokens = Counter(
             "rt_completion_tokens_total", "Tokens the model generated, as its usage reports them", registry=r
+        )
+        # The GenAI semantic conventions' client metrics, in Prometheus' naming.
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per answer, by type (input: the prompt, output: the answer), as the provider reports them",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "From a turn's start to its answer's end, by error type (empty when it succeeded)",
+            ["gen_ai_operation_name", "gen_ai_request_model", "error_type"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.context_trimmed = Counter(
             "rt_context_trimmed_total",

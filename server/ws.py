@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import WSCloseCode, hdrs, web
 
+from core import telemetry
 from core.errors import Forbidden, StoreError
 from core.store import MESSAGE_TYPES
 
@@ -232,7 +233,13 @@ async def _serve(
         on_closed()
 
     through = max((e.id for e in history), default=0)
-    await conn.run(ready, on_closed=closed, history_through=max(through, after), resume=resume)
+    mode = protocol.WATCH if conn.watch else protocol.WRITE
+    attributes = {"session.id": conn.session.id, "rt.mode": mode, "rt.resumed": resumed}
+    with telemetry.span("websocket session", kind="SERVER", attributes=attributes):
+        if not conn.watch:
+            # The session's writes, turns and jobs from now on belong to this connection's trace.
+            conn.session.writer.trace = telemetry.current()
+        await conn.run(ready, on_closed=closed, history_through=max(through, after), resume=resume)
 
 
 async def close_sockets(app: web.Application) -> None:

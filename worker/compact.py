@@ -13,7 +13,7 @@ from core.llm.tokens import estimate
 from core.settings import OFFLINE_MODEL, Settings
 from core.store import StoredEvent
 
-from .summarize import transcript_lines
+from .summarize import traced_complete, transcript_lines
 
 # Of the context budget: the most the summary may take (the server keeps a quarter for the latest turns verbatim),
 # and the most one request of ours may send (the previous summary and a slice of the messages).
@@ -49,7 +49,7 @@ async def _fold(
     text = "Previous summary:\n" + (previous or "(none yet)") + "\n\nMessages since:\n" + "\n".join(lines)
     messages: list[ChatMessage] = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
     stats = StreamStats()
-    summary = (await llm.complete(messages, max_tokens=max_tokens, stats=stats)).strip()
+    summary = (await traced_complete(llm, messages, max_tokens, stats)).strip()
     return summary, stats.completion_tokens
 
 

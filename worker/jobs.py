@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -11,8 +12,17 @@ from arq import Retry
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from core import telemetry
 from core.errors import LLMError, StoreError
-from core.jobs import CONTEXT_CHANNEL, ContextSummary, JobQueue, held_key, summary_job_id
+from core.jobs import (
+    COMPACT_JOB,
+    CONTEXT_CHANNEL,
+    SUMMARIZE_JOB,
+    ContextSummary,
+    JobQueue,
+    held_key,
+    summary_job_id,
+)
 from core.llm import LLM, make_llm
 from core.llm.tokens import estimate
 from core.settings import Settings
@@ -31,6 +41,7 @@ class SummaryFailed(Exception):
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    telemetry.setup("realtime-ai-worker")
     ctx["metrics"] = metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         metrics.serve(host=settings.host, port=settings.worker_metrics_port)
@@ -45,6 +56,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    # Export the spans still buffered (it blocks: not on the event loop).
+    await asyncio.to_thread(telemetry.shutdown)
     if "metrics" in ctx:
         await ctx["metrics"].close()
     if "llm" in ctx:
@@ -53,9 +66,16 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["store"].close()
 
 
-async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool = False) -> dict[str, Any]:
+async def summarize_session(
+    ctx: dict[str, Any], session_id: str, *, force: bool = False, trace: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Summarise the session as it is now. Idempotent: a state already summarised is left alone (unless `force`),
-    and a session that is live again is left for its next disconnect."""
+    and a session that is live again is left for its next disconnect. `trace`: the session's trace context."""
+    with telemetry.span(SUMMARIZE_JOB, kind="CONSUMER", carrier=trace, attributes=_job_attributes(ctx, session_id)):
+        return await _summarize_session(ctx, session_id, force=force)
+
+
+async def _summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool) -> dict[str, Any]:
     settings: Settings = ctx["settings"]
     store: Store = ctx["store"]
     llm: LLM = ctx["llm"]
@@ -88,10 +108,22 @@ async def summarize_session(ctx: dict[str, Any], session_id: str, *, force: bool
     return _done("summarised" if saved else "a newer summary exists", fields, ctx)
 
 
-async def compact_context(ctx: dict[str, Any], session_id: str, through: int) -> dict[str, Any]:
+async def compact_context(
+    ctx: dict[str, Any], session_id: str, through: int, *, trace: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Write the session's next context summary: the previous one folded with its messages up to `through`; store
     it as a `context_summary` event and announce it to the servers. Idempotent: a cursor already covered is only
-    announced again (the server that asked may have missed it)."""
+    announced again (the server that asked may have missed it). `trace`: the asking turn's trace context."""
+    attributes = {**_job_attributes(ctx, session_id), "rt.compact.through": through}
+    with telemetry.span(COMPACT_JOB, kind="CONSUMER", carrier=trace, attributes=attributes):
+        return await _compact_context(ctx, session_id, through)
+
+
+def _job_attributes(ctx: dict[str, Any], session_id: str) -> dict[str, Any]:
+    return {"session.id": session_id, "messaging.system": "arq", "rt.job.try": int(ctx.get("job_try", 1))}
+
+
+async def _compact_context(ctx: dict[str, Any], session_id: str, through: int) -> dict[str, Any]:
     settings: Settings = ctx["settings"]
     store: Store = ctx["store"]
     started = time.perf_counter()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from core.llm import LLM, ChatMessage
+from core import telemetry
+from core.errors import LLMError
+from core.llm import LLM, ChatMessage, StreamStats
 from core.settings import OFFLINE_MODEL, Settings
 from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
 
@@ -68,7 +70,20 @@ async def _ask(llm: LLM, instruction: str, text: str, max_tokens: int) -> str:
         {"role": "system", "content": instruction},
         {"role": "user", "content": text},
     ]
-    return (await llm.complete(messages, max_tokens=max_tokens)).strip()
+    return (await traced_complete(llm, messages, max_tokens, StreamStats())).strip()
+
+
+async def traced_complete(llm: LLM, messages: list[ChatMessage], max_tokens: int, stats: StreamStats) -> str:
+    """`llm.complete`, in a GenAI `chat` span when tracing is on."""
+    with telemetry.span(f"chat {llm.model}", kind="CLIENT", attributes=telemetry.chat_attributes(llm.model)) as span:
+        telemetry.chat_request(messages)
+        try:
+            text = await llm.complete(messages, max_tokens=max_tokens, stats=stats)
+        except LLMError as e:
+            telemetry.chat_finished(span, stats, error_type=e.code)
+            raise
+        telemetry.chat_finished(span, stats, output=text)
+        return text
 
 
 def offline_summary(lines: Sequence[str]) -> str:

@@ -26,6 +26,8 @@ class StreamStats:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    # The model that answered, as the provider names it (it may differ from the one asked for).
+    response_model: str | None = None
 
 
 class LLM(Protocol):

@@ -33,6 +33,7 @@ class OfflineLLM(LLM):
         # `max_tokens` counts pieces (words).
         stats.prompt_tokens = sum(estimate(m["content"]) + MESSAGE_OVERHEAD for m in messages) + REPLY_OVERHEAD
         stats.completion_tokens = 0
+        stats.response_model = OFFLINE_MODEL
         said = ""
         for i, piece in enumerate(pieces):
             # Sleeping even for 0 s yields control, as a network read would: other sessions keep moving.

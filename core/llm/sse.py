@@ -57,6 +57,8 @@ class SSEDecoder:
             if (error := event.get("error")) is not None:
                 self.error = stream_error(error)
                 return
+            if stats.response_model is None and isinstance(model := event.get("model"), str):
+                stats.response_model = model
             if choices := event.get("choices"):
                 choice = choices[0]
                 if (delta := choice.get("delta")) and isinstance(content := delta.get("content"), str) and content:

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from core import telemetry
 from core.backoff import backoff_delay
 from core.errors import StoreError, StoreUnavailable
 from core.store import NewEvent, Store
@@ -32,10 +33,12 @@ class EventWriter:
     with its id once committed, or fails if the store refuses that event outright.
     """
 
-    __slots__ = ("_committer", "_idle", "_in_flight", "_queue")
+    __slots__ = ("_committer", "_idle", "_in_flight", "_queue", "trace")
 
     def __init__(self, committer: Committer) -> None:
         self._committer = committer
+        # The trace context of the session's connection, when tracing is on: its writes are spans in that trace.
+        self.trace: Any = None
         self._queue: list[Pending] = []
         # How many events at the front of the queue are being committed now.
         self._in_flight = 0
@@ -204,7 +207,21 @@ class Committer:
                 items = writer._next(room)
                 parts.append((writer, items))
                 room -= len(items)
-            await self._write([item for _, items in parts for item in items])
+            batch = [item for _, items in parts for item in items]
+            if telemetry.tracer is None:
+                await self._write(batch)
+            else:
+                # One span per batch: a child of the first session's trace, linked to the others'.
+                traces = [writer.trace for writer, _ in parts]
+                attributes = {
+                    "db.operation.name": "append_events",
+                    "db.system.name": self._store.name,
+                    "rt.events": len(batch),
+                }
+                with telemetry.span(
+                    "store append_events", kind="CLIENT", parent=traces[0], links=traces[1:], attributes=attributes
+                ):
+                    await self._write(batch)
             for writer, _ in parts:
                 writer._landed()
                 if not writer.pending:

@@ -29,6 +29,8 @@ class Turn:
     client_msg_id: str | None
     received_at: float  # time.time(), comparable with other processes' clocks on the machine
     stored: asyncio.Future[int] | None = None
+    # The trace context it arrived in (the connection's span), when tracing is on.
+    trace: Any = None
 
 
 @dataclass(slots=True)
@@ -42,6 +44,7 @@ class Answer:
     first_delta_at: float | None = None
     # The request's tokens as we counted them before sending it, for when the provider reports no usage.
     request_tokens: int | None = None
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def text(self) -> str:
@@ -126,10 +129,19 @@ def metadata(answer: Answer, turn: Turn, *, status: str, model: str, error: LLME
     return meta
 
 
-def observe(metrics: Metrics, session_id: str, answer: Answer, *, status: str, error: LLMError | None) -> None:
+def observe(
+    metrics: Metrics, session_id: str, answer: Answer, *, status: str, error: LLMError | None, model: str
+) -> None:
     """Count the answer and log its one line."""
     stats = answer.stats
     metrics.answers.labels(status).inc()
+    if stats.prompt_tokens is not None:
+        metrics.token_usage.labels("chat", model, "input").observe(stats.prompt_tokens)
+    if stats.completion_tokens is not None:
+        metrics.token_usage.labels("chat", model, "output").observe(stats.completion_tokens)
+    metrics.operation_duration.labels("chat", model, "" if error is None else error.code).observe(
+        time.perf_counter() - answer.started
+    )
     metrics.deltas_streamed.inc(len(answer.parts))
     if stats.completion_tokens:
         metrics.completion_tokens.inc(stats.completion_tokens)

@@ -10,9 +10,10 @@ import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from core import telemetry
 from core.errors import LLMError, ProtocolError
 from core.jobs import ContextSummary, JobQueue
-from core.llm import LLM
+from core.llm import LLM, StreamStats
 from core.llm.tokens import Counter, estimate
 from core.settings import Settings
 from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
@@ -87,6 +88,7 @@ class Conversation:
         # User messages accepted over the session's life (MAX_TURNS_PER_SESSION), and the newest message's write.
         self.turns = 0
         self.last_message: asyncio.Future[int] | None = None
+        self.last_stats = StreamStats()
 
     def _new_context(self) -> Context:
         s = self._settings
@@ -154,7 +156,7 @@ class Conversation:
             raise StoredNotAnswered(stored, client_msg_id)
         if self._stopping:
             return stored
-        self._waiting.append(Turn(text, client_msg_id, received_at, stored))
+        self._waiting.append(Turn(text, client_msg_id, received_at, stored, telemetry.current()))
         if self._task is None and self.running.remote is None:
             self._next()
         return stored
@@ -252,6 +254,20 @@ class Conversation:
             self._quiet.set()
 
     async def _turn(self, turn: Turn) -> None:
+        """One answer, in a GenAI `chat` span (a child of the connection's session span) when tracing is on."""
+        model = self._llm.model
+        with telemetry.span(
+            f"chat {model}", kind="CLIENT", parent=turn.trace, attributes=telemetry.chat_attributes(model)
+        ) as span:
+            status, error, text = await self._answer(turn)
+            if span is not None:
+                span.set_attribute("rt.response.status", status)
+            telemetry.chat_finished(
+                span, self.last_stats, error_type=None if error is None else error.code, output=text
+            )
+        self._next()
+
+    async def _answer(self, turn: Turn) -> tuple[str, LLMError | None, str]:
         audience = self.audience
         answer = Answer("resp_" + secrets.token_hex(8))
         self.running.local = (turn, answer)
@@ -281,8 +297,9 @@ class Conversation:
             context.add("assistant", text, stored=stored, tokens=stats.completion_tokens if exact else None)
         rid = answer.response_id
         stored.add_done_callback(lambda f: self._answer_stored(f, rid, text, status))
-        answers.observe(self._metrics, self.session_id, answer, status=status, error=error)
-        self._next()
+        answers.observe(self._metrics, self.session_id, answer, status=status, error=error, model=self._llm.model)
+        self.last_stats = stats
+        return status, error, text
 
     async def _stream(self, answer: Answer, context: Context) -> tuple[str, LLMError | None]:
         if self._cancel_asked:
@@ -292,6 +309,7 @@ class Conversation:
         except LLMError as e:
             return protocol.FAILED, e
         answer.request_tokens = context.tokens
+        telemetry.chat_request(messages)
         if dropped:
             self._metrics.context_trimmed.inc(dropped)
         if self._jobs is not None and context.wants_compaction():

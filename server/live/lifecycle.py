@@ -6,6 +6,7 @@ import asyncio
 import logging
 from datetime import datetime
 
+from core import telemetry
 from core.backoff import backoff_delay
 from core.errors import StoreError, StoreUnavailable
 from core.jobs import JobQueue, summary_job_id
@@ -75,7 +76,12 @@ class Lifecycle:
             self._registry.forget(session)
             self._presence.release(session.id)
         if job_id is not None:
-            await self._jobs.summary(session.id, job_id=job_id, delay_s=self._settings.summary_delay_s)
+            await self._jobs.summary(
+                session.id,
+                job_id=job_id,
+                delay_s=self._settings.summary_delay_s,
+                trace=telemetry.inject(session.writer.trace),
+            )
 
     async def _summary_job_id(self, session: Session) -> str | None:
         """The job for the session as of its last message; None when that is known to be summarised already."""
