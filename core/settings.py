@@ -201,6 +201,10 @@ class Settings(BaseSettings):
     max_connections: PositiveInt = 10_000
     max_connections_per_user: PositiveInt = 20
     max_watchers: PositiveInt = 32
+    # Token budgets (prompt and completion, as each answer's metadata counts them); unset: none. A message past
+    # one is refused with `budget_exceeded`. The daily one applies per authenticated user, per UTC day.
+    session_max_tokens: PositiveInt | None = None
+    user_daily_max_tokens: PositiveInt | None = None
     history_limit: PositiveInt = 1000
 
     def __init__(self, **values: Any) -> None:

@@ -34,6 +34,8 @@ def _session(record: SessionRecord) -> dict[str, Any]:
         "end_time": record.end_time.isoformat() if record.end_time else None,
         "summary": record.summary,
         "message_count": record.message_count or 0,
+        # The provider's counts, or ours where it reported none (each answer's metadata says which).
+        "usage": {"prompt_tokens": record.prompt_tokens or 0, "completion_tokens": record.completion_tokens or 0},
     }
 
 

@@ -49,7 +49,7 @@ from .live.registry import Registry
 from .live.session import Session
 from .metrics import Metrics
 from .parsing import handler_args
-from .ratelimit import UserRateLimiter
+from .ratelimit import DailyTokenBudget, UserRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     )
 
     jobs = JobQueue(redis, registry=metrics.registry)
+    budget = None if settings.user_daily_max_tokens is None else DailyTokenBudget(redis, settings.user_daily_max_tokens)
     # Once per process: loading a tokenizer reads a file of several MB.
     count = counter_for(llm.model)
 
@@ -140,6 +141,7 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
             broker=broker,
             jobs=jobs,
             count=count,
+            budget=budget,
         )
         return Session(session_id, writer=writer, conversation=conversation)
 
@@ -163,12 +165,14 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     background.spawn(registry.sweep_stalled(), name="stalled-sockets")
     app[PRESENCE], app[REGISTRY], app[LIFECYCLE], app[USER_RATE] = presence, registry, lifecycle, user_rate
     app[ADMISSION] = Admission(settings, user_rate)
-    app[ATTACHER] = Attacher(store, eventlog, presence, settings, broker=broker)
+    app[ATTACHER] = Attacher(store, eventlog, presence, settings, broker=broker, budget=budget)
     yield
     # Runs after on_shutdown closed the sockets: give their last writes time to land before the store closes.
     await lifecycle.close(within_s=settings.shutdown_flush_s)
     await broker.close()
     await user_rate.close()
+    if budget is not None:
+        await budget.close()
     await background.cancel()
     await presence.close()
 

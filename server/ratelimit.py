@@ -96,3 +96,66 @@ class UserRateLimiter:
         if int(count) >= self._per_minute:
             left_s = (window + 1) * _WINDOW_S - now
             self._blocked[user_id] = time.monotonic() + left_s
+
+
+class DailyTokenBudget:
+    """`limit` tokens (prompt and completion, as each answer's metadata counts them) per user per UTC day, across
+    connections and server processes.
+
+    As `UserRateLimiter`, the decision never waits for Redis: each answer's tokens are added to the user's
+    counter for the day in the background, and a process refuses the user's messages once the total Redis last
+    gave it is at the limit. A connection reads the total once when it opens, so a user who spent the budget on
+    another server is refused here from the first message. Answers running when the limit is reached finish.
+    """
+
+    def __init__(self, redis: Redis, limit: int) -> None:
+        self._redis = redis
+        self._limit = limit
+        # user -> (UTC day, tokens spent that day as last seen).
+        self._seen: dict[str, tuple[str, int]] = {}
+        self._counting = TaskSet()
+
+    def allows(self, user_id: str) -> bool:
+        seen = self._seen.get(user_id)
+        return seen is None or seen[0] != _today() or seen[1] < self._limit
+
+    def spend(self, user_id: str, tokens: int) -> None:
+        if tokens > 0:
+            self._counting.spawn(self._add(user_id, tokens))
+
+    async def refresh(self, user_id: str) -> None:
+        """Read the user's total for today (a connection opening); Redis away: what this process saw stands."""
+        day = _today()
+        try:
+            total = await self._redis.get(_budget_key(user_id, day))
+        except (RedisError, OSError) as e:
+            log.warning("could not read a user's token budget", extra={"fields": {"error": str(e)}})
+            return
+        self._seen[user_id] = (day, int(total or 0))
+
+    async def close(self) -> None:
+        await self._counting.wait(within_s=1.0)
+
+    async def _add(self, user_id: str, tokens: int) -> None:
+        day = _today()
+        key = _budget_key(user_id, day)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incrby(key, tokens)
+                pipe.expire(key, 2 * 86_400)
+                total, _ = await pipe.execute()
+        except (RedisError, OSError) as e:
+            # Counted here at least: this process refuses past the limit on its own.
+            log.warning("could not count a user's tokens", extra={"fields": {"error": str(e)}})
+            seen = self._seen.get(user_id)
+            total = tokens + (seen[1] if seen is not None and seen[0] == day else 0)
+        self._seen[user_id] = (day, int(total))
+
+
+def _today() -> str:
+    return time.strftime("%Y%m%d", time.gmtime())
+
+
+def _budget_key(user_id: str, day: str) -> str:
+    # Hash-tagged on the user: one slot per user in a Redis Cluster.
+    return f"rt:tokens:{{{user_id}}}:{day}"

@@ -50,7 +50,7 @@ async def test_sessions_are_listed_newest_first_with_their_message_counts(client
     body = await eventually(listed)
     assert [s["session_id"] for s in body["sessions"]] == ["newer", "older"]
     first = body["sessions"][0]
-    assert set(first) == {"session_id", "start_time", "end_time", "summary", "message_count"}
+    assert set(first) == {"session_id", "start_time", "end_time", "summary", "message_count", "usage"}
 
     body = await (await client.get("/api/sessions", params={"limit": "1"})).json()
     assert len(body["sessions"]) == 1

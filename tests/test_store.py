@@ -786,3 +786,19 @@ async def test_a_refusal_names_the_postgrest_code_but_no_row_values_or_keys(supa
     assert "23505" in text and "session_events_session_id_client_msg_id_key" in text
     for secret in ("secret-msg-id", "private words", "key-two", "s1"):
         assert secret not in text
+
+
+async def test_a_sessions_record_sums_its_answers_token_usage(store: Store) -> None:
+    await store.open_session("u1", owner_id=None, now=T0)
+    await store.append_events(
+        [
+            event("u1", "u1", metadata={"prompt_tokens": 999}),  # not an answer: not counted
+            event("u1", "a1", type_=AI_MESSAGE, metadata={"prompt_tokens": 12, "completion_tokens": 5}),
+            event("u1", "a2", type_=AI_MESSAGE, metadata={"prompt_tokens": 30, "completion_tokens": None}),
+            event("u1", "a3", type_=AI_MESSAGE, metadata={"status": "cancelled"}),
+        ]
+    )
+    record = await store.get_session("u1")
+    assert record is not None and (record.prompt_tokens, record.completion_tokens) == (42, 5)
+    [listed] = [r for r in await store.list_sessions(limit=10) if r.session_id == "u1"]
+    assert (listed.prompt_tokens, listed.completion_tokens) == (42, 5)

@@ -83,6 +83,9 @@ class SessionRecord:
     summary: str | None
     owner_id: str | None
     message_count: int | None = None
+    # The sums of its answers' token usage, when the query counts them (as message_count).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,14 +169,14 @@ class SQLiteStore:
         ]
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        sql = f"select {q.SESSION_COLUMNS}, {q.MESSAGE_COUNT} from sessions s where s.session_id = ?"
+        sql = f"select {q.SESSION_COLUMNS}, {q.COUNTS} from sessions s where s.session_id = ?"
         found = await self._fetch(sql, (session_id,))
         return rows.record(SessionRecord, found[0]) if found else None
 
     async def list_sessions(self, *, limit: int, owner_id: str | None = None) -> list[SessionRecord]:
         # NULL sorts lowest in SQLite, so sessions without a start time come last, as in PostgresStore.
         sql = (
-            f"select {q.SESSION_COLUMNS}, {q.MESSAGE_COUNT} from sessions s"
+            f"select {q.SESSION_COLUMNS}, {q.COUNTS} from sessions s"
             " where (? is null or s.owner_id = ?)"
             " order by s.start_time desc, s.session_id limit ?"
         )

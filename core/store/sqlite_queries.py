@@ -9,9 +9,14 @@ from .base import MESSAGE_TYPES
 EVENT_COLUMNS = ", ".join(rows.EVENT_COLUMNS)
 SESSION_COLUMNS = "s.session_id, s.start_time, s.end_time, s.summary, s.owner_id"
 MESSAGE_TYPES_SQL = f"({', '.join(repr(t) for t in MESSAGE_TYPES)})"
-MESSAGE_COUNT = (
+COUNTS = (
     "(select count(*) from session_events e where e.session_id = s.session_id"
-    f" and e.event_type in {MESSAGE_TYPES_SQL}) as message_count"
+    f" and e.event_type in {MESSAGE_TYPES_SQL}) as message_count, "
+    # chat_session_records()' usage columns (sql/006): the sums over the session's answers.
+    "(select coalesce(sum(json_extract(e.metadata, '$.prompt_tokens')), 0) from session_events e"
+    " where e.session_id = s.session_id and e.event_type = 'ai_message') as prompt_tokens, "
+    "(select coalesce(sum(json_extract(e.metadata, '$.completion_tokens')), 0) from session_events e"
+    " where e.session_id = s.session_id and e.event_type = 'ai_message') as completion_tokens"
 )
 
 # chat_summary_states(): the rule "up to date" as SQLite states it; the two queries after it build on it.

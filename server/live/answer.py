@@ -129,6 +129,15 @@ def metadata(answer: Answer, turn: Turn, *, status: str, model: str, error: LLME
     return meta
 
 
+def answer_tokens(meta: dict[str, Any]) -> int:
+    """The tokens an answer used, prompt and completion, as its stored metadata counts them."""
+    total = 0
+    for key in ("prompt_tokens", "completion_tokens"):
+        if isinstance(value := meta.get(key), int):
+            total += value
+    return total
+
+
 def observe(
     metrics: Metrics, session_id: str, answer: Answer, *, status: str, error: LLMError | None, model: str
 ) -> None:

@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 
 from core.errors import Forbidden, StoreUnavailable
 from core.settings import Settings
-from core.store import CONTEXT_SUMMARY, MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
+from core.store import AI_MESSAGE, CONTEXT_SUMMARY, MESSAGE_TYPES, USER_MESSAGE, OpenedSession, Store, StoredEvent
 
 from ..eventlog import EventLog
+from ..ratelimit import DailyTokenBudget
+from .answer import answer_tokens
 from .broker import Broker
 from .follow import Follower
 from .presence import Presence
@@ -21,9 +23,17 @@ class Attacher:
     """The takeover protocol, run under `session.lock` before a new socket is accepted."""
 
     def __init__(
-        self, store: Store, eventlog: EventLog, presence: Presence, settings: Settings, *, broker: Broker | None
+        self,
+        store: Store,
+        eventlog: EventLog,
+        presence: Presence,
+        settings: Settings,
+        *,
+        broker: Broker | None,
+        budget: DailyTokenBudget | None = None,
     ) -> None:
         self._broker = broker
+        self._budget = budget
         self._store = store
         self._eventlog = eventlog
         self._presence = presence
@@ -37,6 +47,9 @@ class Attacher:
         """
         if user_id is not None:
             await self._check_owner(session, user_id)
+            if self._budget is not None:
+                # What the user spent today on every server, before their first message here.
+                await self._budget.refresh(user_id)
         await self._presence.claim(session.id)
         if session.holder is not None:
             await session.holder.replace(stop_answer=self._settings.on_disconnect == "cancel")
@@ -90,13 +103,24 @@ class Attacher:
                 # Someone else created it between the ownership check and here.
                 raise Forbidden(f"session {session.id!r} belongs to another user")
             history, summary = await self._context(session.id)
-            turns = session.conversation.turns if session.loaded else await self._count_turns(session.id, history)
-        session.opened(opened.record, history, summary, turns=turns)
+            conversation = session.conversation
+            turns, tokens = (
+                (conversation.turns, conversation.tokens_used)
+                if session.loaded
+                else await self._count(session.id, history)
+            )
+        session.opened(opened.record, history, summary, turns=turns, tokens_used=tokens)
         return opened, history
 
-    async def _count_turns(self, session_id: str, history: list[StoredEvent]) -> int:
+    async def _count(self, session_id: str, history: list[StoredEvent]) -> tuple[int, int]:
+        """The session's turns so far and the tokens its answers used (for MAX_TURNS_PER_SESSION and
+        SESSION_MAX_TOKENS): from the history when it is all there, else from the store's counts."""
         if len(history) < self._settings.history_limit:
-            return sum(e.event_type == USER_MESSAGE for e in history)
+            turns = sum(e.event_type == USER_MESSAGE for e in history)
+            return turns, sum(answer_tokens(e.metadata) for e in history if e.event_type == AI_MESSAGE)
         # A long session: every stored question has its stored answer, so the turns are half the messages.
         record = await self._store.get_session(session_id)
-        return 0 if record is None or record.message_count is None else (record.message_count + 1) // 2
+        if record is None:
+            return 0, 0
+        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        return ((record.message_count or 0) + 1) // 2, tokens

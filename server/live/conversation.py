@@ -29,6 +29,7 @@ from .context import Context
 from .running import Running
 
 if TYPE_CHECKING:
+    from ..ratelimit import DailyTokenBudget
     from .broker import Broker
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Conversation:
         metrics: Metrics,
         broker: Broker | None = None,
         jobs: JobQueue | None = None,
+        budget: DailyTokenBudget | None = None,
         count: Counter = estimate,
     ) -> None:
         self.session_id = session_id
@@ -68,6 +70,7 @@ class Conversation:
         self._settings = settings
         self._metrics = metrics
         self._jobs = jobs
+        self._budget = budget
         self._count = count
         self.context = self._new_context()
         # The compaction asked of the worker and not yet applied: (its cursor, when asked, loop time).
@@ -89,6 +92,9 @@ class Conversation:
         self.turns = 0
         self.last_message: asyncio.Future[int] | None = None
         self.last_stats = StreamStats()
+        # Tokens the session's answers used (SESSION_MAX_TOKENS), and the user it belongs to (USER_DAILY_MAX_TOKENS).
+        self.tokens_used = 0
+        self.owner: str | None = None
 
     def _new_context(self) -> Context:
         s = self._settings
@@ -101,13 +107,14 @@ class Conversation:
         self.context = self._new_context()
         self.context.load((e for e in history if e.id not in waiting), summary)
 
-    def load(self, history: list[StoredEvent], summary: StoredEvent | None, *, turns: int) -> None:
+    def load(self, history: list[StoredEvent], summary: StoredEvent | None, *, turns: int, tokens_used: int) -> None:
         """The context from the store: the last context summary and the messages after it."""
         self.context.load(history, summary)
         for event in history:
             if event.event_type == USER_MESSAGE and event.client_msg_id is not None:
                 self._client_msgs[event.client_msg_id] = event.id
         self.turns = turns
+        self.tokens_used = tokens_used
 
     @property
     def busy(self) -> bool:
@@ -139,6 +146,7 @@ class Conversation:
             raise ProtocolError(
                 protocol.RATE_LIMITED, f"this session has reached its limit of {limit} turns; start a new session"
             )
+        self._check_budgets()
         if self.busy and len(self._waiting) >= settings.max_pending_messages:
             raise ProtocolError(protocol.BUSY, "too many messages are waiting for an answer")
         if not self.context.fits(text):
@@ -160,6 +168,21 @@ class Conversation:
         if self._task is None and self.running.remote is None:
             self._next()
         return stored
+
+    def _check_budgets(self) -> None:
+        """SESSION_MAX_TOKENS and USER_DAILY_MAX_TOKENS: a message past either is refused, not stored."""
+        limit = self._settings.session_max_tokens
+        if limit is not None and self.tokens_used >= limit:
+            raise ProtocolError(
+                protocol.BUDGET_EXCEEDED,
+                f"this session has used its budget of {limit} tokens ({self.tokens_used} used); start a new session",
+            )
+        if self._budget is not None and self.owner is not None and not self._budget.allows(self.owner):
+            raise ProtocolError(
+                protocol.BUDGET_EXCEEDED,
+                f"you have used today's budget of {self._settings.user_daily_max_tokens} tokens; "
+                "it renews at 00:00 UTC",
+            )
 
     def cancel(self) -> None:
         """Stop the answer streaming now, if any, here or on the server that generates it; its `response.done`
@@ -290,6 +313,10 @@ class Conversation:
         if self._publisher is not None:
             self._publisher.done(status=status, text=text, error_code=error_code, error_message=error_message)
         meta = answers.metadata(answer, turn, status=status, model=self._llm.model, error=error)
+        spent = answers.answer_tokens(meta)
+        self.tokens_used += spent
+        if self._budget is not None and self.owner is not None:
+            self._budget.spend(self.owner, spent)
         self.last_message = stored = self.record(AI_MESSAGE, text, meta, event_key=answer.response_id)
         if error is None and self.context is context:
             # The provider's count of a whole answer is its count as context too; a cut one is estimated.

@@ -52,13 +52,20 @@ class Session:
         self.ended_at: datetime | None = None
 
     def opened(
-        self, record: SessionRecord, history: list[StoredEvent], summary: StoredEvent | None, *, turns: int
+        self,
+        record: SessionRecord,
+        history: list[StoredEvent],
+        summary: StoredEvent | None,
+        *,
+        turns: int,
+        tokens_used: int,
     ) -> None:
         """The store opened (or resumed) the session. A session still live here keeps its conversation, which
         also holds what is not yet stored; otherwise the conversation is rebuilt from the store."""
         if not self.loaded:
-            self.conversation.load(history, summary, turns=turns)
+            self.conversation.load(history, summary, turns=turns, tokens_used=tokens_used)
             self.loaded = True
+        self.conversation.owner = record.owner_id
         self.start_time = record.start_time
         self.ended_at = None
         self.handed_over = False
