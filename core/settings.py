@@ -178,6 +178,14 @@ class Settings(BaseSettings):
     # The server.
     host: str = "127.0.0.1"
     port: Port = 8001
+    # Scale-out on one machine: WEB_CONCURRENCY server processes share the port (under gunicorn when above 1;
+    # 0 or `auto`: one per core this process may run on); EVENT_LOOP `auto` runs uvloop where it is installed.
+    web_concurrency: Annotated[
+        int,
+        _text(lambda text: "0" if text.strip().lower() == "auto" else text),
+        _rule(lambda v: v >= 0, "must be a number of processes, or 0 or auto for one per core"),
+    ] = 1
+    event_loop: Annotated[Literal["auto", "uvloop", "asyncio"], _text(str.lower)] = "auto"
     web_dir: Path = REPO_ROOT / "web"
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], _text(str.upper)] = "INFO"
     log_format: Annotated[Literal["text", "json"], _text(str.lower)] = "text"

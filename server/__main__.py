@@ -1,10 +1,12 @@
-"""`python -m server` runs the service; `python -m server migrate [DATABASE_URL]` applies the SQL migrations."""
+"""`python -m server` runs the service (WEB_CONCURRENCY processes: one here, more under gunicorn);
+`python -m server migrate [DATABASE_URL]` applies the SQL migrations."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
+from core.errors import ConfigError
 from core.logs import setup_logging
 from core.settings import load_settings
 
@@ -22,8 +24,19 @@ def main(argv: list[str]) -> int:
         return 2
     settings = load_settings()
     setup_logging(level=settings.log_level, fmt=settings.log_format)
+    try:
+        processes, uvloop = serve.process_count(settings), serve.uses_uvloop(settings)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
     url = f"http://{settings.host}:{settings.port}/"
-    logging.getLogger("server").info("listening", extra={"fields": {"url": url}})
+    fields = {"url": url, "processes": processes, "event_loop": "uvloop" if uvloop else "asyncio"}
+    logging.getLogger("server").info("listening", extra={"fields": fields})
+    if processes > 1:
+        from .processes import run  # gunicorn: needed only with several processes
+
+        run(settings, processes=processes)
+        return 0
     app = create_app(settings)
     app.on_startup.append(tune_gc)
     serve.run(app, host=settings.host, port=settings.port)

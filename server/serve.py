@@ -1,14 +1,21 @@
-"""Running the app in this process, with a shutdown order of our own: stop listening, drain while the sockets are
+"""Running the app in one process, with a shutdown order of our own: stop listening, drain while the sockets are
 still read, then let aiohttp close everything. A second stop signal cuts the drain short (the spool keeps what
 was not written)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import logging
+import os
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
+
+from core.errors import ConfigError
+from core.settings import Settings
 
 from .keys import LIFECYCLE, SETTINGS
 
@@ -28,8 +35,34 @@ class DrainingRunner(web.AppRunner):
         await super().cleanup()
 
 
+def process_count(settings: Settings) -> int:
+    """WEB_CONCURRENCY, where 0 means one process per core this process may run on (its CPU affinity)."""
+    if settings.web_concurrency:
+        return settings.web_concurrency
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def uses_uvloop(settings: Settings) -> bool:
+    """EVENT_LOOP: `auto` takes uvloop where it is installed (a dependency on Linux), `asyncio` never does."""
+    installed = importlib.util.find_spec("uvloop") is not None
+    if settings.event_loop == "uvloop" and not installed:
+        raise ConfigError("EVENT_LOOP='uvloop': uvloop is not installed")
+    return settings.event_loop != "asyncio" and installed
+
+
+def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if not uses_uvloop(settings):
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
 def run(app: web.Application, *, host: str, port: int) -> None:
-    asyncio.run(_serve(app, host=host, port=port))
+    with asyncio.Runner(loop_factory=loop_factory(app[SETTINGS])) as runner:
+        runner.run(_serve(app, host=host, port=port))
 
 
 async def _serve(app: web.Application, *, host: str, port: int) -> None:

@@ -276,9 +276,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start_server(settings: Settings, **env: str) -> tuple[asyncio.subprocess.Process, int]:
-    """A real server process on a free port, answering /healthz; the caller stops it."""
-    port = free_port()
+async def start_server(
+    settings: Settings, *, port: int | None = None, **env: str
+) -> tuple[asyncio.subprocess.Process, int]:
+    """A real server process on `port` (default: a free one), answering /healthz; the caller stops it."""
+    port = port or free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

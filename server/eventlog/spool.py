@@ -5,12 +5,20 @@ The writers keep events in memory and retry; when the store stays down longer th
 is a file of JSON lines, fsynced and renamed into place, so one that exists is whole. Segments are replayed oldest
 first, before any writer may write again (the `clear` gate), so every session keeps its order; the replay is
 idempotent by event key, so a segment replayed twice (a crash mid-replay) stores each event once.
+
+SPOOL_DIR is shared by every server process of a machine (WEB_CONCURRENCY of them, or containers on one volume):
+each takes a slot of its own, held with an exclusive `flock` for its lifetime: SPOOL_DIR itself (slot 0, where a
+single process has always spooled), else the first free `SPOOL_DIR/proc-<n>/`. The kernel lets go of a dead
+process's lock, so the process that replaces it takes its slot and replays what it left; at start a process also
+adopts (moves into its own slot, then replays) the segments of every other slot no live process holds, so nothing
+waits behind a slot nobody takes again (fewer processes than before).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -30,13 +38,17 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = ".jsonl"
 _PARTIAL = ".partial"
+_LOCK = ".lock"
+_SLOT_PREFIX = "proc-"
 
 
 class Spool:
-    """One server process's spool directory. Two live processes must not share one."""
+    """One server process's slot of the machine's spool directory, locked while the process lives."""
 
     def __init__(self, directory: Path, store: Store, metrics: Metrics, *, retry_max_s: float) -> None:
+        self._root = directory
         self._dir = directory
+        self._lock: int | None = None
         self._store = store
         self._metrics = metrics
         self._retry_max_s = retry_max_s
@@ -49,15 +61,27 @@ class Spool:
         self._counted: set[str] = set()
         self._replayer: asyncio.Task[None] | None = None
 
+    @property
+    def directory(self) -> Path:
+        """This process's slot (SPOOL_DIR itself, or one of its `proc-<n>` directories once `open` took one)."""
+        return self._dir
+
     def open(self) -> None:
-        """Check the directory can be written, and replay what an earlier process left."""
+        """Take a free slot, adopt what dead processes left in theirs, and replay it."""
         try:
-            self._dir.mkdir(parents=True, exist_ok=True)
+            self._root.mkdir(parents=True, exist_ok=True)
+            self._dir, self._lock = _take_slot(self._root)
             probe = self._dir / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
+            adopted = _adopt_orphans(self._root, self._dir)
         except OSError as e:
-            raise ConfigError(f"SPOOL_DIR {str(self._dir)!r} cannot be written: {e.strerror or e}") from e
+            raise ConfigError(f"SPOOL_DIR {str(self._root)!r} cannot be written: {e.strerror or e}") from e
+        if adopted:
+            log.warning(
+                "adopted the spooled writes of a process that is gone",
+                extra={"fields": {"segments": adopted, "spool_dir": str(self._dir)}},
+            )
         left = self._segments()
         if left:
             log.warning("replaying spooled writes of an earlier run", extra={"fields": {"segments": len(left)}})
@@ -98,6 +122,9 @@ class Spool:
         for future in self._futures.values():
             future.cancel()
         self._futures.clear()
+        if self._lock is not None:
+            os.close(self._lock)  # the slot is free for the next process, with whatever segments it still holds
+            self._lock = None
 
     def _start_replay(self) -> None:
         if self._replayer is None or self._replayer.done():
@@ -175,6 +202,64 @@ class Spool:
         partial.rename(self._dir / (name + _SUFFIX))
         _fsync_dir(self._dir)
         return name + _SUFFIX
+
+
+def _try_lock(directory: Path) -> int | None:
+    """An exclusive lock on the slot `directory`, or None when a live process holds it."""
+    fd = os.open(directory / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _slot(root: Path, n: int) -> Path:
+    return root if n == 0 else root / f"{_SLOT_PREFIX}{n}"
+
+
+def _take_slot(root: Path) -> tuple[Path, int]:
+    """The first slot no live process holds, locked."""
+    n = 0
+    while True:
+        directory = _slot(root, n)
+        directory.mkdir(exist_ok=True)
+        fd = _try_lock(directory)
+        if fd is not None:
+            return directory, fd
+        n += 1
+
+
+def _adopt_orphans(root: Path, mine: Path) -> int:
+    """Move into `mine` the segments of every other slot no live process holds; how many were moved.
+
+    Names keep their spill-time prefix, so the replay still takes them oldest first."""
+    moved = 0
+    others = [root, *(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_SLOT_PREFIX))]
+    for directory in others:
+        if directory == mine or not _has_segments(directory):
+            continue
+        fd = _try_lock(directory)
+        if fd is None:
+            continue  # a live process holds it and replays it itself
+        try:
+            for path in directory.iterdir():
+                if path.suffix in (_SUFFIX, _PARTIAL):
+                    path.rename(mine / path.name)
+                    moved += 1
+            _fsync_dir(mine)
+            _fsync_dir(directory)
+        finally:
+            os.close(fd)
+    return moved
+
+
+def _has_segments(directory: Path) -> bool:
+    return any(p.suffix in (_SUFFIX, _PARTIAL) for p in directory.iterdir())
 
 
 def _read_segment(path: Path) -> list[NewEvent]:
