@@ -312,6 +312,15 @@ async def test_resummarize_dry_run_says_what_it_would_do_for_each_session(
     assert "would skip s1 (summary up to date" in result.stdout and "would summarise s2" in result.stdout
     assert await queued(redis) == before
 
+    # A selection that finds nothing says why, not that everything is up to date.
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "--all", "--until", "2020-01-01", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "dry run: no ended session started before 2020-01-01T00:00:00+00:00; nothing would be enqueued" in (
+        result.stdout
+    )
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "--all", "--until", "2020-01-01")
+    assert "nothing to summarise: no ended session started before 2020-01-01" in result.stdout
+
 
 async def test_resummarize_wait_gives_up_when_no_worker_takes_the_jobs(client, db, redis, settings):
     await chat_and_leave(client, "s1", "nobody will summarise this")
