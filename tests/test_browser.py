@@ -333,12 +333,18 @@ async def test_a_reload_with_the_same_id_brings_the_conversation_back_on_a_phone
     await expect(status(page)).to_contain_text("session resumed")
     await expect(said(page)).to_have_text(before)
 
-    # After Disconnect a reload keeps the id but waits; Enter in the id field connects, keyboard only.
+    # After Disconnect a reload keeps the id and shows the saved conversation, but does not connect by itself;
+    # Enter in the id field connects, keyboard only.
     await button(page, "Disconnect").click()
     await expect(status(page)).to_have_text("Disconnected")
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
     await page.reload()
     await expect(id_field).to_have_value(session_id)
     await expect(status(page)).to_have_text("Disconnected")
+    await expect(said(page)).to_have_text(before)
+    await expect(page.locator("#log .note")).to_have_text("The saved conversation. Press Connect to continue it.")
+    assert sockets == []
     await id_field.press("Enter")
     await expect(status(page)).to_contain_text("session resumed")
     await expect(said(page)).to_have_text(before)
@@ -348,6 +354,39 @@ async def test_a_reload_with_the_same_id_brings_the_conversation_back_on_a_phone
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     for name in ("Send", "Disconnect"):
         assert await button(page, name).is_visible()
+
+
+async def test_the_session_open_now_is_in_recent_sessions_even_an_old_one(page: Page, serve: Any, db: Any) -> None:
+    server = await serve()
+    session_id = await connect(page, server)
+    # A new session is listed as soon as it is open, marked as the one open here, and counts its messages.
+    listed = page.locator("#sessions li", has_text=session_id)
+    await expect(listed).to_contain_text("open here")
+    await expect(listed).to_have_attribute("aria-current", "true")
+    await send(page, "count me")
+    await expect(listed).to_contain_text("2 messages")
+    await button(page, "Disconnect").click()
+    await expect(status(page)).to_have_text("Disconnected")
+    await expect(listed).not_to_contain_text("open here")
+
+    # Twenty newer sessions push it off the list; opened from a link, it shows its saved conversation, and once
+    # connected it is listed again, first.
+    await db.execute("update sessions set start_time = '2020-01-01T00:00:00Z' where session_id = $1", session_id)
+    await db.execute(
+        "insert into sessions (session_id, start_time, end_time) select 'newer-' || i, now(), now()"
+        " from generate_series(1, 20) i"
+    )
+    other = await page.context.new_page()
+    await other.goto(f"{server.url}#{session_id}")
+    await expect(other.locator("#sessions li")).to_have_count(20)
+    await expect(said(other)).to_have_text(["count me", "You said: count me"])
+    await expect(other.locator("#sessions li", has_text=session_id)).to_have_count(0)
+    await button(other, "Connect").click()
+    await expect(status(other)).to_contain_text("session resumed")
+    first = other.locator("#sessions li").first
+    await expect(first).to_contain_text(session_id)
+    await expect(first).to_contain_text("open here")
+    await expect(other.locator("#sessions li")).to_have_count(21)
 
 
 async def test_a_reload_in_the_middle_of_a_long_answer_shows_the_whole_answer_once(
