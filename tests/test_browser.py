@@ -567,3 +567,99 @@ async def test_with_authentication_on_the_page_uses_the_token_it_was_opened_with
     # The summary and the recent sessions come through the API with the same token.
     await button(page, "Disconnect").click()
     await expect(page.get_by_role("region", name="Summary")).to_contain_text("You said")
+
+
+# Text in any script, and a phone.
+
+CJK_EMOJI = "你好，世界。こんにちは、元気ですか？안녕하세요! 🌍🎉👍🏽❤️"
+# What the page draws for each grapheme of an element, next to what it draws for a code point no font has
+# (U+0378, unassigned): a grapheme drawn like that is a "tofu" box, a glyph the page's fonts do not have.
+MISSING_GLYPHS = """(el) => {
+    const cs = getComputedStyle(el);
+    const canvas = document.createElement("canvas");
+    canvas.width = canvas.height = 96;
+    const g = canvas.getContext("2d", { willReadFrequently: true });
+    g.font = `${cs.fontStyle} ${cs.fontWeight} ${cs.fontSize} ${cs.fontFamily}`;
+    const draw = (s) => {
+        g.clearRect(0, 0, 96, 96);
+        g.fillText(s, 8, 60);
+        return Array.from(g.getImageData(0, 0, 96, 96).data).join();
+    };
+    const box = draw("\\u0378");
+    const graphemes = Array.from(new Intl.Segmenter().segment(el.textContent), (s) => s.segment);
+    return {
+        boxesLookAlike: draw("\\u0379") === box,
+        missing: graphemes.filter((s) => s.trim() && draw(s) === box),
+    };
+}"""
+
+
+async def test_chinese_japanese_korean_and_emoji_show_as_glyphs_not_boxes(
+    page: Page, serve: Any, fake_llm: Any
+) -> None:
+    answer_text = "第一句话说完了。第二句话还在路上，慢慢来。"
+    fake_llm.script(
+        fake.Scenario(text=answer_text, chunks=["第一句话说完了。", "第二句话", "还在路上，", "慢慢来。"], delay=0.4)
+    )
+    server = await serve()
+    await connect(page, server)
+    box = message_box(page)
+    await box.fill(CJK_EMOJI)
+    await box.press("Enter")
+    sent = page.locator("#log .msg.user .text")
+    await expect(sent).to_have_text(CJK_EMOJI)
+
+    # A screen reader hears the answer sentence by sentence: a Chinese sentence ends with 。 and no space.
+    await expect(page.locator("#announcer")).to_contain_text("第一句话说完了。")
+    await expect(page.locator("#log .msg.assistant.streaming")).to_have_count(1)
+    answer = page.locator("#log .msg.assistant")
+    await expect(answer).to_have_attribute("data-id", re.compile(r"\d+"))
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.locator("#log").screenshot(path=ARTIFACTS / "cjk-and-emoji.png")
+    for text in (sent, answer.locator(".text")):
+        drawn = await text.evaluate(MISSING_GLYPHS)
+        assert drawn["boxesLookAlike"], "the check needs missing glyphs to look alike"
+        assert drawn["missing"] == [], (
+            f"drawn as empty boxes: {drawn['missing']}; the page's fonts lack these glyphs"
+            " (make test installs fonts-wqy-microhei and fonts-noto-color-emoji)"
+        )
+
+    # An input method uses Enter to end a composition: that Enter never sends (Safari says so with keyCode 229).
+    await box.fill("にほんご")
+    await box.evaluate(
+        """(el) => el.dispatchEvent(new KeyboardEvent("keydown",
+            { key: "Enter", keyCode: 229, bubbles: true, cancelable: true }))"""
+    )
+    await page.wait_for_timeout(300)
+    await expect(box).to_have_value("にほんご")
+    await expect(page.locator("#log .msg.user")).to_have_count(1)
+
+
+async def test_on_a_phone_the_conversation_and_the_message_box_fit_the_screen(page: Page, serve: Any) -> None:
+    server = await serve(OPENAI_BASE_URL="", OPENAI_API_KEY="", OFFLINE_TOKEN_DELAY_S="0.002")
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.goto(server.url)
+
+    async def fits() -> None:
+        # Nothing to scroll sideways; the message box and Send on the first screen, all of them.
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert await page.evaluate("window.scrollY") == 0
+        for control in (page.locator("#log"), message_box(page), button(page, "Send")):
+            await expect(control).to_be_in_viewport(ratio=1)
+
+    await fits()
+    await button(page, "Connect").click()
+    await expect(status(page)).to_contain_text("Connected")
+    await fits()
+    # A long conversation scrolls inside the log: the box and Send stay where they were, and tapping Send sends.
+    for i in range(4):
+        await send(page, f"message {i} " + "long words wrap on a narrow screen " * 6)
+    await message_box(page).fill("sent with the button")
+    await button(page, "Send").click()
+    await expect(page.locator("#log .msg.user .text").last).to_have_text("sent with the button")
+    await expect(page.locator("#log .msg.assistant")).to_have_count(5)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await fits()
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "phone.png")

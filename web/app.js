@@ -254,7 +254,8 @@ function announce(text) {
 
 function speakDelta(delta) {
   state.speech += delta;
-  const sentence = state.speech.match(/^[\s\S]*[.!?…\n](\s|$)/);
+  // Chinese and Japanese sentences end with 。！？ and no space after them.
+  const sentence = state.speech.match(/^[\s\S]*(?:[.!?…\n](?:\s|$)|[。！？])/);
   if (sentence) {
     announce(sentence[0]);
     state.speech = state.speech.slice(sentence[0].length);
@@ -792,8 +793,9 @@ function stopAnswer() {
 }
 
 function onMessageKey(event) {
-  // Enter sends; Shift+Enter is a new line; an IME composing text uses Enter for itself.
-  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+  // Enter sends; Shift+Enter is a new line; an IME composing text uses Enter for itself (Safari reports the
+  // Enter that ends a composition with isComposing false, but keyCode 229).
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
     event.preventDefault();
     ui.messageForm.requestSubmit();
   } else if (event.key === "Escape" && state.streaming) {
