@@ -663,3 +663,56 @@ async def test_on_a_phone_the_conversation_and_the_message_box_fit_the_screen(pa
     await fits()
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=ARTIFACTS / "phone.png")
+
+
+# The README's console snippet, pasted as a new user would.
+
+
+def readme_snippet() -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"```js\n(.*?)```", readme, re.S)
+    assert match, "README.md has no ```js block"
+    return match.group(1)
+
+
+async def test_the_readme_console_snippet_works_on_the_page_and_a_refusal_is_logged(
+    page: Page, serve: Any, tmp_path: Path
+) -> None:
+    server = await serve(OPENAI_BASE_URL="", OPENAI_API_KEY="", OFFLINE_TOKEN_DELAY_S="0.002")
+    logged: list[Any] = []
+
+    async def on_console(message: Any) -> None:
+        logged.append([await arg.json_value() for arg in message.args])
+
+    page.on("console", on_console)
+
+    # In the console of the demo page, by either of its loopback names: the events arrive as decoded objects.
+    for url in (server.url, server.url.replace("127.0.0.1", "localhost")):
+        logged.clear()
+        await page.goto(url)
+        await page.evaluate(f"() => {{ {readme_snippet()} }}")
+
+        async def stored() -> bool:
+            return any(a and isinstance(a[0], dict) and a[0].get("role") == "assistant" for a in logged)
+
+        await eventually(stored, timeout=10)
+        types = [a[0]["type"] for a in logged if a and isinstance(a[0], dict)]
+        assert types[:2] == ["session.ready", "response.started"], types
+        assert {"response.delta", "response.done", "message.stored"} <= set(types), types
+        done = next(a[0] for a in logged if isinstance(a[0], dict) and a[0]["type"] == "response.done")
+        assert done["status"] == "completed" and "Hello, explain WebSockets simply" in done["text"]
+
+    # From another origin (this page at localhost, the socket at 127.0.0.1) the server refuses and says why.
+    logged.clear()
+    await page.evaluate(
+        "(url) => { " + readme_snippet().replace('location.origin.replace(/^http/, "ws")', "url") + " }",
+        server.url.replace("http://", "ws://").rstrip("/"),
+    )
+
+    async def closed() -> bool:
+        return ["closed", 1006] in logged
+
+    await eventually(closed, timeout=10)
+    port = server.port
+    line = f"INFO server.auth origin not allowed origin=http://localhost:{port} host=127.0.0.1:{port}"
+    assert line in (tmp_path / "server.log").read_text()
