@@ -10,6 +10,12 @@ from typing import Any
 import orjson
 
 
+def _timestamp(record: logging.LogRecord) -> str:
+    """The one time format of every log line, text or JSON, server or worker: UTC, milliseconds,
+    `2026-01-01T10:00:00.123Z`."""
+    return datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
     return fields if isinstance(fields, dict) else {}
@@ -19,8 +25,7 @@ class TextFormatter(logging.Formatter):
     """`2026-01-01T10:00:00.123Z INFO server.ws connected session_id=abc resumed=false`"""
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        parts = [ts, record.levelname, record.name, record.getMessage()]
+        parts = [_timestamp(record), record.levelname, record.name, record.getMessage()]
         parts.extend(f"{k}={_text(v)}" for k, v in _fields(record).items())
         line = " ".join(parts)
         if record.exc_info:
@@ -38,7 +43,7 @@ def _text(value: Any) -> str:
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),

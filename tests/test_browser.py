@@ -333,12 +333,18 @@ async def test_a_reload_with_the_same_id_brings_the_conversation_back_on_a_phone
     await expect(status(page)).to_contain_text("session resumed")
     await expect(said(page)).to_have_text(before)
 
-    # After Disconnect a reload keeps the id but waits; Enter in the id field connects, keyboard only.
+    # After Disconnect a reload keeps the id and shows the saved conversation, but does not connect by itself;
+    # Enter in the id field connects, keyboard only.
     await button(page, "Disconnect").click()
     await expect(status(page)).to_have_text("Disconnected")
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
     await page.reload()
     await expect(id_field).to_have_value(session_id)
     await expect(status(page)).to_have_text("Disconnected")
+    await expect(said(page)).to_have_text(before)
+    await expect(page.locator("#log .note")).to_have_text("The saved conversation. Press Connect to continue it.")
+    assert sockets == []
     await id_field.press("Enter")
     await expect(status(page)).to_contain_text("session resumed")
     await expect(said(page)).to_have_text(before)
@@ -348,6 +354,39 @@ async def test_a_reload_with_the_same_id_brings_the_conversation_back_on_a_phone
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     for name in ("Send", "Disconnect"):
         assert await button(page, name).is_visible()
+
+
+async def test_the_session_open_now_is_in_recent_sessions_even_an_old_one(page: Page, serve: Any, db: Any) -> None:
+    server = await serve()
+    session_id = await connect(page, server)
+    # A new session is listed as soon as it is open, marked as the one open here, and counts its messages.
+    listed = page.locator("#sessions li", has_text=session_id)
+    await expect(listed).to_contain_text("open here")
+    await expect(listed).to_have_attribute("aria-current", "true")
+    await send(page, "count me")
+    await expect(listed).to_contain_text("2 messages")
+    await button(page, "Disconnect").click()
+    await expect(status(page)).to_have_text("Disconnected")
+    await expect(listed).not_to_contain_text("open here")
+
+    # Twenty newer sessions push it off the list; opened from a link, it shows its saved conversation, and once
+    # connected it is listed again, first.
+    await db.execute("update sessions set start_time = '2020-01-01T00:00:00Z' where session_id = $1", session_id)
+    await db.execute(
+        "insert into sessions (session_id, start_time, end_time) select 'newer-' || i, now(), now()"
+        " from generate_series(1, 20) i"
+    )
+    other = await page.context.new_page()
+    await other.goto(f"{server.url}#{session_id}")
+    await expect(other.locator("#sessions li")).to_have_count(20)
+    await expect(said(other)).to_have_text(["count me", "You said: count me"])
+    await expect(other.locator("#sessions li", has_text=session_id)).to_have_count(0)
+    await button(other, "Connect").click()
+    await expect(status(other)).to_contain_text("session resumed")
+    first = other.locator("#sessions li").first
+    await expect(first).to_contain_text(session_id)
+    await expect(first).to_contain_text("open here")
+    await expect(other.locator("#sessions li")).to_have_count(21)
 
 
 async def test_a_reload_in_the_middle_of_a_long_answer_shows_the_whole_answer_once(
@@ -528,3 +567,152 @@ async def test_with_authentication_on_the_page_uses_the_token_it_was_opened_with
     # The summary and the recent sessions come through the API with the same token.
     await button(page, "Disconnect").click()
     await expect(page.get_by_role("region", name="Summary")).to_contain_text("You said")
+
+
+# Text in any script, and a phone.
+
+CJK_EMOJI = "你好，世界。こんにちは、元気ですか？안녕하세요! 🌍🎉👍🏽❤️"
+# What the page draws for each grapheme of an element, next to what it draws for a code point no font has
+# (U+0378, unassigned): a grapheme drawn like that is a "tofu" box, a glyph the page's fonts do not have.
+MISSING_GLYPHS = """(el) => {
+    const cs = getComputedStyle(el);
+    const canvas = document.createElement("canvas");
+    canvas.width = canvas.height = 96;
+    const g = canvas.getContext("2d", { willReadFrequently: true });
+    g.font = `${cs.fontStyle} ${cs.fontWeight} ${cs.fontSize} ${cs.fontFamily}`;
+    const draw = (s) => {
+        g.clearRect(0, 0, 96, 96);
+        g.fillText(s, 8, 60);
+        return Array.from(g.getImageData(0, 0, 96, 96).data).join();
+    };
+    const box = draw("\\u0378");
+    const graphemes = Array.from(new Intl.Segmenter().segment(el.textContent), (s) => s.segment);
+    return {
+        boxesLookAlike: draw("\\u0379") === box,
+        missing: graphemes.filter((s) => s.trim() && draw(s) === box),
+    };
+}"""
+
+
+async def test_chinese_japanese_korean_and_emoji_show_as_glyphs_not_boxes(
+    page: Page, serve: Any, fake_llm: Any
+) -> None:
+    answer_text = "第一句话说完了。第二句话还在路上，慢慢来。"
+    fake_llm.script(
+        fake.Scenario(text=answer_text, chunks=["第一句话说完了。", "第二句话", "还在路上，", "慢慢来。"], delay=0.4)
+    )
+    server = await serve()
+    await connect(page, server)
+    box = message_box(page)
+    await box.fill(CJK_EMOJI)
+    await box.press("Enter")
+    sent = page.locator("#log .msg.user .text")
+    await expect(sent).to_have_text(CJK_EMOJI)
+
+    # A screen reader hears the answer sentence by sentence: a Chinese sentence ends with 。 and no space.
+    await expect(page.locator("#announcer")).to_contain_text("第一句话说完了。")
+    await expect(page.locator("#log .msg.assistant.streaming")).to_have_count(1)
+    answer = page.locator("#log .msg.assistant")
+    await expect(answer).to_have_attribute("data-id", re.compile(r"\d+"))
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.locator("#log").screenshot(path=ARTIFACTS / "cjk-and-emoji.png")
+    for text in (sent, answer.locator(".text")):
+        drawn = await text.evaluate(MISSING_GLYPHS)
+        assert drawn["boxesLookAlike"], "the check needs missing glyphs to look alike"
+        assert drawn["missing"] == [], (
+            f"drawn as empty boxes: {drawn['missing']}; the page's fonts lack these glyphs"
+            " (make test installs fonts-wqy-microhei and fonts-noto-color-emoji)"
+        )
+
+    # An input method uses Enter to end a composition: that Enter never sends (Safari says so with keyCode 229).
+    await box.fill("にほんご")
+    await box.evaluate(
+        """(el) => el.dispatchEvent(new KeyboardEvent("keydown",
+            { key: "Enter", keyCode: 229, bubbles: true, cancelable: true }))"""
+    )
+    await page.wait_for_timeout(300)
+    await expect(box).to_have_value("にほんご")
+    await expect(page.locator("#log .msg.user")).to_have_count(1)
+
+
+async def test_on_a_phone_the_conversation_and_the_message_box_fit_the_screen(page: Page, serve: Any) -> None:
+    server = await serve(OPENAI_BASE_URL="", OPENAI_API_KEY="", OFFLINE_TOKEN_DELAY_S="0.002")
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.goto(server.url)
+
+    async def fits() -> None:
+        # Nothing to scroll sideways; the message box and Send on the first screen, all of them.
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert await page.evaluate("window.scrollY") == 0
+        for control in (page.locator("#log"), message_box(page), button(page, "Send")):
+            await expect(control).to_be_in_viewport(ratio=1)
+
+    await fits()
+    await button(page, "Connect").click()
+    await expect(status(page)).to_contain_text("Connected")
+    await fits()
+    # A long conversation scrolls inside the log: the box and Send stay where they were, and tapping Send sends.
+    for i in range(4):
+        await send(page, f"message {i} " + "long words wrap on a narrow screen " * 6)
+    await message_box(page).fill("sent with the button")
+    await button(page, "Send").click()
+    await expect(page.locator("#log .msg.user .text").last).to_have_text("sent with the button")
+    await expect(page.locator("#log .msg.assistant")).to_have_count(5)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await fits()
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "phone.png")
+
+
+# The README's console snippet, pasted as a new user would.
+
+
+def readme_snippet() -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"```js\n(.*?)```", readme, re.S)
+    assert match, "README.md has no ```js block"
+    return match.group(1)
+
+
+async def test_the_readme_console_snippet_works_on_the_page_and_a_refusal_is_logged(
+    page: Page, serve: Any, tmp_path: Path
+) -> None:
+    server = await serve(OPENAI_BASE_URL="", OPENAI_API_KEY="", OFFLINE_TOKEN_DELAY_S="0.002")
+    logged: list[Any] = []
+
+    async def on_console(message: Any) -> None:
+        logged.append([await arg.json_value() for arg in message.args])
+
+    page.on("console", on_console)
+
+    # In the console of the demo page, by either of its loopback names: the events arrive as decoded objects.
+    for url in (server.url, server.url.replace("127.0.0.1", "localhost")):
+        logged.clear()
+        await page.goto(url)
+        await page.evaluate(f"() => {{ {readme_snippet()} }}")
+
+        async def stored() -> bool:
+            return any(a and isinstance(a[0], dict) and a[0].get("role") == "assistant" for a in logged)
+
+        await eventually(stored, timeout=10)
+        types = [a[0]["type"] for a in logged if a and isinstance(a[0], dict)]
+        assert types[:2] == ["session.ready", "response.started"], types
+        assert {"response.delta", "response.done", "message.stored"} <= set(types), types
+        done = next(a[0] for a in logged if isinstance(a[0], dict) and a[0]["type"] == "response.done")
+        assert done["status"] == "completed" and "Hello, explain WebSockets simply" in done["text"]
+
+    # From another origin (this page at localhost, the socket at 127.0.0.1) the server refuses and says why.
+    logged.clear()
+    await page.evaluate(
+        "(url) => { " + readme_snippet().replace('location.origin.replace(/^http/, "ws")', "url") + " }",
+        server.url.replace("http://", "ws://").rstrip("/"),
+    )
+
+    async def closed() -> bool:
+        return ["closed", 1006] in logged
+
+    await eventually(closed, timeout=10)
+    port = server.port
+    line = f"INFO server.auth origin not allowed origin=http://localhost:{port} host=127.0.0.1:{port}"
+    assert line in (tmp_path / "server.log").read_text()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
@@ -310,6 +312,15 @@ async def test_resummarize_dry_run_says_what_it_would_do_for_each_session(
     assert "would skip s1 (summary up to date" in result.stdout and "would summarise s2" in result.stdout
     assert await queued(redis) == before
 
+    # A selection that finds nothing says why, not that everything is up to date.
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "--all", "--until", "2020-01-01", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "dry run: no ended session started before 2020-01-01T00:00:00+00:00; nothing would be enqueued" in (
+        result.stdout
+    )
+    result = await asyncio.to_thread(run_cli, settings, "resummarize", "--all", "--until", "2020-01-01")
+    assert "nothing to summarise: no ended session started before 2020-01-01" in result.stdout
+
 
 async def test_resummarize_wait_gives_up_when_no_worker_takes_the_jobs(client, db, redis, settings):
     await chat_and_leave(client, "s1", "nobody will summarise this")
@@ -374,6 +385,53 @@ async def test_the_worker_process_rides_out_a_redis_outage_and_a_restart(
     assert 1 <= text.count("redis is unreachable") <= 2, text
     assert text.count("outcome=summarised") == 2, text
     assert "→" not in text and "recording health" not in text, text
+
+
+async def test_the_worker_logs_in_the_servers_format_and_keeps_arqs_chatter_at_debug(
+    db, redis, fake_llm, settings, tmp_path
+):
+    """`arq worker.WorkerSettings` as a user runs it: arq's own lines come out like ours, not as `18:41:19: ...`."""
+    logs = {}
+    for name, env in (("info", {}), ("debug", {"LOG_LEVEL": "DEBUG"}), ("json", {"LOG_FORMAT": "json"})):
+        session_id = f"log-{name}"
+        await ended_session(settings, session_id, f"a line for the {name} log")
+        logs[name] = tmp_path / f"worker-{name}.log"
+        proc = await start_worker_process(settings, logs[name], **env)
+        try:
+            arq = ArqRedis.from_url(settings.redis_url)
+            try:
+                await arq.enqueue_job("summarize_session", session_id, _job_id=f"logs-{name}")
+            finally:
+                await arq.aclose()
+            await eventually(
+                lambda sid=session_id: db.fetchval("select summary from sessions where session_id = $1", sid),
+                timeout=15,
+            )
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    line_re = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) [\w.]+ ")
+    info = logs["info"].read_text().splitlines()
+    assert info and all(line_re.match(line) for line in info), info
+    # arq's start and stop lines are there, as ours; its per-job lines, cron runs and heartbeat are not, at INFO.
+    assert any(" INFO arq.worker Starting worker for " in line for line in info), info
+    assert any(" INFO arq.worker shutdown on SIGTERM" in line for line in info), info
+    assert sum("summary job done" in line and "outcome=summarised" in line for line in info) == 1, info
+    assert not [line for line in info if "→" in line or "←" in line or "recording health" in line], info
+
+    # LOG_LEVEL=DEBUG shows them, in the same format.
+    debug = logs["debug"].read_text().splitlines()
+    assert all(line_re.match(line) for line in debug), debug
+    assert any(" DEBUG arq.worker " in line and "summarize_session" in line and "→" in line for line in debug), debug
+
+    # LOG_FORMAT=json: every line is one JSON object, with the same kind of timestamp.
+    entries = [orjson.loads(line) for line in logs["json"].read_text().splitlines()]
+    assert entries and all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["ts"]) for e in entries)
+    assert any(e["logger"] == "arq.worker" and e["event"].startswith("Starting worker") for e in entries), entries
 
 
 @pytest.mark.parametrize("n_messages", [40])

@@ -80,6 +80,8 @@ const state = {
   visit: null, // {previousSummary: Promise, changed, connected}: this Connect's story, for notes and the summary
   summaryPoll: 0, // bumped to stop a running poll
   sessionsLoad: 0, // bumped so that only the latest list is drawn
+  sessionsTimer: 0, // a list refresh due soon (after an answer is stored)
+  pastLoad: 0, // bumped so that a stored conversation shown before Connect never lands after it
   speech: "", // streamed text not yet read out
 };
 
@@ -153,6 +155,7 @@ function updateControls() {
   ui.message.disabled = !state.wanted;
   ui.send.disabled = !state.wanted;
   ui.stop.hidden = !(state.streaming && state.ready);
+  ui.log.classList.toggle("live", state.wanted);
   // Never strand keyboard focus on a control that just vanished or was disabled (Stop, Disconnect, Send…).
   if (focused && focused !== document.body && (focused.disabled || focused.hidden)) {
     (state.wanted ? ui.message : ui.connect).focus();
@@ -251,7 +254,8 @@ function announce(text) {
 
 function speakDelta(delta) {
   state.speech += delta;
-  const sentence = state.speech.match(/^[\s\S]*[.!?…\n](\s|$)/);
+  // Chinese and Japanese sentences end with 。！？ and no space after them.
+  const sentence = state.speech.match(/^[\s\S]*(?:[.!?…\n](?:\s|$)|[。！？])/);
   if (sentence) {
     announce(sentence[0]);
     state.speech = state.speech.slice(sentence[0].length);
@@ -326,6 +330,8 @@ function onReady(event) {
   if (retried) addNote(retried);
   showConnected();
   updateControls();
+  // The session open here is in Recent sessions from now on (a new one did not exist when the list was loaded).
+  if (first) loadSessions();
 }
 
 function onStarted(event) {
@@ -394,6 +400,7 @@ function onStored(event) {
   const pending = event.role === "user" ? state.outbox : state.answers;
   const key = event.role === "user" ? event.client_msg_id : event.response_id;
   const entry = pending.get(key);
+  if (event.role === "assistant") refreshSessionsSoon(); // its message count in Recent sessions
   if (entry) {
     pending.delete(key);
     markStored(entry.el, event.id, entry.label || markStatus(entry.el, event.status));
@@ -561,6 +568,7 @@ function connect({ restore = null } = {}) {
 
 function resetConversation(id) {
   state.summaryPoll += 1;
+  state.pastLoad += 1;
   ui.summary.hidden = true;
   ui.log.replaceChildren();
   Object.assign(state, {
@@ -645,16 +653,29 @@ async function pollSummary(sessionId, visit) {
 // Recent sessions, and one past session in a dialog.
 
 async function loadSessions() {
+  clearTimeout(state.sessionsTimer);
   const load = ++state.sessionsLoad;
   try {
-    const body = await getJson("/api/sessions?limit=20");
+    const { sessions } = await getJson("/api/sessions?limit=20");
+    // The session open here is listed first when it is older than the 20 newest (an old one resumed).
+    const open = state.wanted ? state.sessionId : "";
+    if (open && !sessions.some((s) => s.session_id === open)) {
+      const current = await getJson(`/api/sessions/${encodeURIComponent(open)}`).catch(() => null);
+      if (current) sessions.unshift(current);
+    }
     if (load !== state.sessionsLoad) return;
-    ui.sessions.replaceChildren(...body.sessions.map(sessionItem));
-    ui.recentNote.textContent = body.sessions.length ? "" : "No sessions yet.";
+    ui.sessions.replaceChildren(...sessions.map(sessionItem));
+    ui.recentNote.textContent = sessions.length ? "" : "No sessions yet.";
     highlightCurrentSession();
   } catch (e) {
     if (load === state.sessionsLoad) ui.recentNote.textContent = `Could not load the sessions: ${e.message}`;
   }
+}
+
+// One refresh for a burst of stored answers.
+function refreshSessionsSoon() {
+  clearTimeout(state.sessionsTimer);
+  state.sessionsTimer = setTimeout(loadSessions, 500);
 }
 
 function sessionItem(session) {
@@ -666,6 +687,8 @@ function sessionItem(session) {
   open.textContent = session.session_id;
   open.setAttribute("aria-label", `Open session ${session.session_id}`);
   open.addEventListener("click", () => openViewer(session.session_id));
+  const here = document.createElement("span");
+  here.className = "here"; // "open here" on the session this tab is connected to
   const meta = document.createElement("p");
   meta.className = "meta";
   const count = `${session.message_count} message${session.message_count === 1 ? "" : "s"}`;
@@ -673,7 +696,7 @@ function sessionItem(session) {
   const summary = document.createElement("p");
   summary.className = session.summary ? "sum" : "sum none";
   summary.textContent = session.summary || "No summary yet.";
-  li.append(open, meta, summary);
+  li.append(open, here, meta, summary);
   return li;
 }
 
@@ -681,6 +704,7 @@ function highlightCurrentSession() {
   for (const li of ui.sessions.children) {
     const current = state.wanted && li.dataset.sessionId === state.sessionId;
     li.classList.toggle("current", current);
+    li.querySelector(".here").textContent = current ? "open here" : "";
     if (current) li.setAttribute("aria-current", "true");
     else li.removeAttribute("aria-current");
   }
@@ -709,6 +733,19 @@ async function openViewer(sessionId) {
   } catch (e) {
     ui.viewerMeta.textContent = `Could not load this session: ${e.message}`;
   }
+}
+
+// The stored conversation of the session in the address, shown before Connect (after a Disconnect and a reload,
+// or from a link): the page never says "No messages yet" about a session that has messages.
+async function showPast(sessionId) {
+  const load = ++state.pastLoad;
+  const session = await getJson(`/api/sessions/${encodeURIComponent(sessionId)}`).catch(() => null);
+  if (load !== state.pastLoad || state.wanted || !session) return;
+  state.sessionId = sessionId;
+  renderHistory(session.events);
+  if (session.summary) showSummary("done", session.summary);
+  addNote(session.events.length ? "The saved conversation. Press Connect to continue it." :
+    "This session has no messages yet. Press Connect to start it.");
 }
 
 function resumeFromViewer() {
@@ -756,8 +793,9 @@ function stopAnswer() {
 }
 
 function onMessageKey(event) {
-  // Enter sends; Shift+Enter is a new line; an IME composing text uses Enter for itself.
-  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+  // Enter sends; Shift+Enter is a new line; an IME composing text uses Enter for itself (Safari reports the
+  // Enter that ends a composition with isComposing false, but keyCode 229).
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
     event.preventDefault();
     ui.messageForm.requestSubmit();
   } else if (event.key === "Escape" && state.streaming) {
@@ -836,6 +874,7 @@ function start() {
   // This tab was connected to this session before the reload: connect again, and pick up a running answer.
   const saved = savedVisit();
   if (fromAddress && saved?.wanted && saved.sessionId === fromAddress) connect({ restore: saved.answer });
+  else if (fromAddress) showPast(fromAddress);
 }
 
 start();

@@ -87,11 +87,14 @@ async def _resummarize(args: argparse.Namespace, settings: Settings) -> int:
         if args.dry_run:
             for state, action in plan:
                 print(_dry_run_line(state, action))
-            print(f"dry run: {len(todo)} of {len(plan)} session(s) would be (re-)summarised; nothing enqueued")
+            if plan:
+                print(f"dry run: {len(todo)} of {len(plan)} session(s) would be (re-)summarised; nothing enqueued")
+            else:
+                print(f"dry run: {_none_selected(args)}; nothing would be enqueued")
             return 0
         if not todo:
-            note = f"{len(plan)} session(s) up to date or without messages (--force to re-summarise)" if plan else ""
-            print(f"nothing to summarise{': ' + note if note else ''}")
+            note = f"{len(plan)} session(s) up to date or without messages (--force to re-summarise)"
+            print(f"nothing to summarise: {note if plan else _none_selected(args)}")
             return 0
         # JobQueue logs and swallows a Redis that does not answer (right for the server): ask it here first.
         await redis.ping()
@@ -133,6 +136,18 @@ async def _select(args: argparse.Namespace, store: Store) -> list[SummaryState] 
         print(f"error: unknown session(s): {', '.join(unknown)}", file=sys.stderr)
         return None
     return found
+
+
+def _none_selected(args: argparse.Namespace) -> str:
+    """Why --missing or --all found no session, in the words of the options given."""
+    if args.missing:
+        return "no ended session needs a summary: each one's is up to date"
+    started = [
+        f"at or after {args.since.isoformat()}" if args.since else "",
+        f"before {args.until.isoformat()}" if args.until else "",
+    ]
+    when = " and ".join(filter(None, started))
+    return f"no ended session{' started ' + when if when else ''}"
 
 
 def _action(state: SummaryState, *, force: bool) -> str:

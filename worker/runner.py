@@ -1,4 +1,4 @@
-"""Our arq `Worker`: it rides out a Redis outage of any length instead of exiting, and keeps arq's chatter at DEBUG.
+"""Our arq `Worker`: it rides out a Redis outage of any length instead of exiting, and logs arq's lines as ours.
 
 arq 0.28's `Worker.main` lets any Redis error of its poll loop (the queue read, a job's bookkeeping, the heartbeat,
 the cron enqueue) escape, and `run()` then calls `close()`, which talks to Redis again and raises a second
@@ -39,7 +39,7 @@ class Worker(arq.worker.Worker):
     _outage_since: float | None = None
 
     async def main(self) -> None:
-        quiet_arq_chatter()
+        adopt_arq_logging()
         if self._pool is None:
             await self._wait_for_redis(self._connect)
         logger = arq.worker.logger
@@ -126,8 +126,8 @@ _CHATTER = ("recording health", "%6.2fs → ", "%6.2fs ← ")
 
 
 class _ChatterToDebug(logging.Filter):
-    """arq logs every job start and end, every cron run and heartbeat changes at INFO; ours is the one line per job
-    at INFO. Those records become DEBUG (shown with `arq -v` or LOG_LEVEL=DEBUG)."""
+    """arq logs every job start and end, every cron run and heartbeat changes (`j_complete=… j_failed=…`) at INFO;
+    ours is the one line per job at INFO. Those records become DEBUG (shown with LOG_LEVEL=DEBUG or `arq -v`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.INFO and isinstance(record.msg, str) and record.msg.startswith(_CHATTER):
@@ -136,7 +136,18 @@ class _ChatterToDebug(logging.Filter):
         return True
 
 
-def quiet_arq_chatter() -> None:
-    logger = arq.worker.logger
-    if not any(isinstance(f, _ChatterToDebug) for f in logger.filters):
-        logger.addFilter(_ChatterToDebug())
+def adopt_arq_logging() -> None:
+    """arq's lines go out as ours: one format (core/logs.py, text or JSON) for the server and the worker.
+
+    `arq worker.WorkerSettings` configures logging after it imports the settings: it gives the `arq` logger a
+    handler of its own (`18:41:19: message`, local time, no level) at INFO, whatever LOG_LEVEL says. Called when
+    the worker starts, after that: arq's handler goes, its records reach our handler on the root logger, and
+    LOG_LEVEL applies to them (`arq -v` still turns arq's DEBUG lines on)."""
+    logger = logging.getLogger("arq")
+    verbose = logger.level == logging.DEBUG
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    worker_logger = arq.worker.logger
+    if not any(isinstance(f, _ChatterToDebug) for f in worker_logger.filters):
+        worker_logger.addFilter(_ChatterToDebug())

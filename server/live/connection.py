@@ -24,8 +24,10 @@ from .session import Session
 
 log = logging.getLogger(__name__)
 
-# RFC 6455's code for a close frame without a status (aiohttp reports it as 0).
+# RFC 6455's codes for a close frame without a status (aiohttp reports it as 0) and for no close frame at all
+# (aiohttp reports None: the peer vanished and the handler was cancelled).
 _NO_STATUS = 1005
+_ABNORMAL = 1006
 
 
 class Connection:
@@ -144,7 +146,7 @@ class Connection:
             self.outbox.abort("the socket closed while a send was waiting")
         was_writer = conversation.audience.writer is self.outbox
         conversation.audience.remove(self.outbox)
-        close_code = self._close_sent or self._ws.close_code or _NO_STATUS
+        close_code = self._close_sent or self._ws.close_code or (_NO_STATUS if self._ws.close_code == 0 else _ABNORMAL)
         if not self.watch:
             # 1.1: a closed socket does not stop the answer; ON_DISCONNECT=cancel brings back 1.0.
             if was_writer and self._settings.on_disconnect == "cancel":
