@@ -96,7 +96,7 @@ async def start_upstream(port: int) -> asyncio.subprocess.Process:
     return upstream
 
 
-async def start_stack(database_url: str, redis_url: str) -> Stack:
+async def start_stack(database_url: str, redis_url: str, **extra_env: str) -> Stack:
     up_port, server_port = free_port(), free_port()
     upstream = await start_upstream(up_port)
     env = {
@@ -112,6 +112,7 @@ async def start_stack(database_url: str, redis_url: str) -> Stack:
         "HISTORY_LIMIT": "50",
         # Summary jobs at once, as the summaries part measures (a value in .env must not defer them).
         "SUMMARY_DELAY_S": "0",
+        **extra_env,
     }
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "server", env=env, cwd=REPO)
     stack = Stack(
@@ -134,14 +135,14 @@ async def stop_stack(stack: Stack) -> None:
 
 
 @asynccontextmanager
-async def running_stack() -> AsyncIterator[Stack]:
+async def running_stack(**extra_env: str) -> AsyncIterator[Stack]:
     """The stack on the environment's database and Redis (DATABASE_URL and REDIS_URL, else their TEST_ forms), the
     machine it runs on printed first; the open-file limit is raised for the thousands of sockets a run opens."""
     database_url = os.environ.get("DATABASE_URL") or os.environ["TEST_DATABASE_URL"]
     redis_url = os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    stack = await start_stack(database_url, redis_url)
+    stack = await start_stack(database_url, redis_url, **extra_env)
     try:
         print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, server pid {stack.server.pid}")
         yield stack
