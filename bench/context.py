@@ -2,9 +2,10 @@
 
 100 sessions with a 300-turn history each (600 messages and a context summary covering all but the last 40, as the
 worker leaves a long conversation) against 100 new sessions, in the same run, rounds alternating: the added time to
-first token of one message from each (arriving over `--spread-s`, 2 s, while the others stream), measured
-inside the server (the message's arrival to its first delta, minus the upstream's own time to its first chunk). Then the server's memory per live session,
-with and without such a history. The worker does not run: no compaction lands mid-measurement.
+first token of one message from each (arriving over `--spread-s`, 2 s, while the others stream), measured inside
+the server (the message's arrival to its first delta, minus the upstream's own time to its first chunk). Then the
+server's memory per live session, with and without such a history. The worker does not run: no compaction lands
+mid-measurement.
 """
 
 from __future__ import annotations
