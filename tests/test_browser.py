@@ -496,6 +496,46 @@ async def test_a_stopped_answer_shows_as_stopped_after_a_reload_and_in_the_sessi
     await expect(in_viewer.locator(".meta")).to_contain_text("stopped")
 
 
+async def test_an_answer_cut_off_by_a_crash_shows_as_interrupted_after_a_reload_and_in_the_viewer(
+    page: Page, serve: Any, fake_llm: Any, settings: Settings
+) -> None:
+    fake_llm.script(fake.slow(0.15, text=STORY))
+    server = await serve(ANSWER_LEASE_S="1")
+    session_id = await connect(page, server)
+    box = message_box(page)
+    await box.fill("Plan my Lisbon trip")
+    await box.press("Enter")
+    await streaming_text(page)
+
+    # The server dies mid-answer; the worker (its recovery runs every 5 s) stores the text streamed so far as
+    # interrupted, and the page, reconnected to the next server, shows it so.
+    await server.stop(signal.SIGKILL)
+    options = worker_options(settings.replace(answer_lease_s=1))
+    options.update(handle_signals=False, poll_delay=0.05)
+    worker = Worker(**options)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        await server.start()
+        answer = page.locator("#log .msg.assistant")
+        label = re.compile(r"interrupted: the server stopped before the answer ended · .* · saved #\d+")
+        await expect(answer.locator(".meta")).to_contain_text(label, timeout=30_000)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await worker.close()
+    await expect(answer).to_have_class(re.compile(r"\binterrupted\b"))
+
+    await page.reload()
+    await expect(status(page)).to_contain_text("session resumed")
+    await expect(answer).to_have_class(re.compile(r"\binterrupted\b"))
+    await expect(answer.locator(".meta")).to_contain_text(label)
+    await button(page, f"Open session {session_id}").click()
+    in_viewer = page.get_by_role("dialog").locator(".msg.assistant")
+    await expect(in_viewer).to_have_class(re.compile(r"\binterrupted\b"))
+    await expect(in_viewer.locator(".meta")).to_contain_text("interrupted: the server stopped")
+
+
 async def test_the_page_resumes_after_the_server_goes_away_without_showing_anything_twice(
     page: Page, serve: Any, fake_llm: Any, db: Any
 ) -> None:

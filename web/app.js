@@ -14,7 +14,11 @@ const SUMMARY_POLL = { firstMs: 400, capMs: 5000, forMs: 120000 };
 const PING_EVERY_MS = 25000;
 const SILENT_FOR_MS = 40000;
 // What a stored answer's status looks like in the conversation; `completed` needs no word.
-const STATUS_LABELS = { cancelled: "stopped", failed: "failed", interrupted: "interrupted" };
+const STATUS_LABELS = {
+  cancelled: "stopped",
+  failed: "failed: the model did not answer",
+  interrupted: "interrupted: the server stopped before the answer ended",
+};
 // Per tab (a reload keeps it, another tab does not share it): whether this tab was connected, to which session,
 // and the answer it was streaming, so that a reload reconnects by itself and goes on from where it was.
 const SAVED_KEY = "realtime-ai-page";
