@@ -29,8 +29,8 @@ lint: venv ## ruff format --check, ruff check, mypy
 
 test: lint ## lint, then pytest against a private PostgreSQL and Redis started for the run
 	@# docker-compose validates docker-compose.yml; Chromium (with a font) runs the browser tests.
-	@bash scripts/ensure-packages.sh docker-compose /usr/bin/chromium /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
-		-- docker-compose chromium fonts-dejavu-core
+	@bash scripts/ensure-packages.sh docker-compose /usr/bin/chromium /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf haproxy \
+		-- docker-compose chromium fonts-dejavu-core haproxy
 	@$(call section,pytest (private PostgreSQL and Redis))
 	@rc=0; bash scripts/with-services.sh $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [[ $$rc -eq 5 ]]; then echo "make test: pytest collected no tests; that counts as a failure" >&2; fi; \
