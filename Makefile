@@ -29,10 +29,11 @@ lint: venv ## ruff format --check, ruff check, mypy
 
 test: lint ## lint, then pytest against a private PostgreSQL and Redis started for the run
 	@# docker-compose validates docker-compose.yml; Chromium (with a font) runs the browser tests, which also draw
-	@# Chinese, Japanese, Korean and emoji: WenQuanYi Micro Hei (1.6 MB) and Noto Color Emoji (9.9 MB) have them.
+	@# Chinese, Japanese, Korean and emoji: WenQuanYi Micro Hei (1.6 MB) and Noto Color Emoji (9.9 MB) have them;
+	@# HAProxy is the load balancer of tests/test_scale.py.
 	@bash scripts/ensure-packages.sh docker-compose /usr/bin/chromium /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
-		/usr/share/fonts/truetype/wqy/wqy-microhei.ttc /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \
-		-- docker-compose chromium fonts-dejavu-core fonts-wqy-microhei fonts-noto-color-emoji
+		/usr/share/fonts/truetype/wqy/wqy-microhei.ttc /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf haproxy \
+		-- docker-compose chromium fonts-dejavu-core fonts-wqy-microhei fonts-noto-color-emoji haproxy
 	@$(call section,pytest (private PostgreSQL and Redis))
 	@rc=0; bash scripts/with-services.sh $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [[ $$rc -eq 5 ]]; then echo "make test: pytest collected no tests; that counts as a failure" >&2; fi; \

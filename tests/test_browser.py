@@ -756,3 +756,27 @@ async def test_the_readme_console_snippet_works_on_the_page_and_a_refusal_is_log
     port = server.port
     line = f"INFO server.auth origin not allowed origin=http://localhost:{port} host=127.0.0.1:{port}"
     assert line in (tmp_path / "server.log").read_text()
+
+
+async def test_a_long_conversation_says_when_its_context_is_summarised(page: Page, serve: Any, settings: Any) -> None:
+    offline = {"OPENAI_BASE_URL": "", "OPENAI_API_KEY": "", "OFFLINE_TOKEN_DELAY_S": "0.002"}
+    server = await serve(CONTEXT_MAX_TOKENS="300", MESSAGES_PER_MINUTE="1000", **offline)
+    options = worker_options(settings.replace(openai_base_url=None, openai_api_key=None, context_max_tokens=300))
+    options.update(cron_jobs=None, handle_signals=False, poll_delay=0.05)
+    worker = Worker(**options)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        await connect(page, server)
+        note = page.locator("#log .note", has_text="is now summarised for the model")
+        for i in range(12):
+            await send(page, f"Message {i}: here is something long enough to fill a small context quickly.")
+            if await note.count():
+                break
+        await expect(note.first).to_be_visible(timeout=15_000)
+        # The conversation goes on after it.
+        await send(page, "And one more after the summary.")
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await worker.close()

@@ -280,6 +280,7 @@ const handlers = {
   "response.delta": onDelta,
   "response.done": onDone,
   "message.stored": onStored,
+  "context.compacted": onCompacted,
   error: onError,
   pong: () => {},
 };
@@ -416,11 +417,19 @@ function onStored(event) {
   }
 }
 
+function onCompacted(event) {
+  // Nothing is forgotten: the model's context now starts from a summary of the older messages.
+  addNote(
+    `The conversation up to message #${event.through} is now summarised for the model ` +
+      `(${event.tokens_before} → ${event.tokens_after} tokens of context).`,
+  );
+}
+
 function onError(event) {
   addNote(`${event.message} (${event.code})`, "error");
   // The protocol's `error` does not say which frame it refuses. Refusals of a message come at once, before
   // any later frame is read, so the most recent unconfirmed message is the one refused.
-  if (event.code === "rate_limited" || event.code === "busy") {
+  if (["rate_limited", "busy", "budget_exceeded", "message_too_long"].includes(event.code)) {
     const last = Array.from(state.outbox.entries()).pop();
     if (!last) return;
     const [clientMsgId, entry] = last;

@@ -26,6 +26,8 @@ SUMMARY_HEADER = "\n\nSummary of the conversation before the messages below (nam
 # Of the budget: what a compaction leaves verbatim (the latest turns), and the most its summary may take.
 KEEP_SHARE = 0.25
 SUMMARY_SHARE = 0.2
+# A summary larger than this share of the budget is refused (it is asked for at SUMMARY_SHARE).
+SUMMARY_MAX_SHARE = 0.5
 # A provider far off our estimate is a sign of a bad report, not of a tokenizer: calibration stays inside this.
 _MAX_CALIBRATION = 4.0
 
@@ -206,6 +208,10 @@ class Context:
         """Apply a new context summary that covers the messages up to `through`: (tokens before, tokens after), or
         None when the summary in use already covers as much. Messages after `through` (newer than the job) stay."""
         if through <= self.summary_through:
+            return None
+        if tokens > self.budget * SUMMARY_MAX_SHARE:
+            # A summary that leaves no room for the conversation (a worker with another budget, a model that
+            # ignored max_tokens) is not used: trimming keeps the requests within the budget meanwhile.
             return None
         before = self.tokens
         parts = self._parts
