@@ -185,7 +185,8 @@ class Settings(BaseSettings):
         _text(lambda text: "0" if text.strip().lower() == "auto" else text),
         _rule(lambda v: v >= 0, "must be a number of processes, or 0 or auto for one per core"),
     ] = 1
-    event_loop: Annotated[Literal["auto", "uvloop", "asyncio"], _text(str.lower)] = "auto"
+    # asyncio until a bench shows uvloop helps here (issue 16 asks to measure first); auto: uvloop if installed.
+    event_loop: Annotated[Literal["auto", "uvloop", "asyncio"], _text(str.lower)] = "asyncio"
     web_dir: Path = REPO_ROOT / "web"
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], _text(str.upper)] = "INFO"
     log_format: Annotated[Literal["text", "json"], _text(str.lower)] = "text"
