@@ -177,9 +177,12 @@ async def test_sigterm_to_the_manager_drains_every_process_finishing_their_answe
     assert [r["content"] for r in rows] == [answer] * 12
 
 
-async def test_a_second_sigterm_stops_every_process_at_once_keeping_the_partial_answers(db, redis, fake_llm, settings):
+async def test_a_second_sigterm_stops_every_process_at_once_keeping_the_partial_answers(
+    db, redis, fake_llm, settings, tmp_path
+):
     answer = " ".join(f"word{i}" for i in range(200))
-    manager, port = await start_server(settings, SHUTDOWN_DRAIN_S="30", **TWO)
+    spool = str(tmp_path / "spool")
+    manager, port = await start_server(settings, SHUTDOWN_DRAIN_S="30", SPOOL_DIR=spool, **TWO)
     try:
         workers = await serving_workers(manager, port)
         async with aiohttp.ClientSession() as http:
@@ -203,7 +206,20 @@ async def test_a_second_sigterm_stops_every_process_at_once_keeping_the_partial_
         if manager.returncode is None:
             manager.kill()
             await manager.wait()
-    rows = await db.fetch("select content, metadata from session_events where event_type = 'ai_message'")
+
+    # A forced stop does not wait for the database: what it had no time to write is in the processes' spools,
+    # and the next start writes it.
+    manager, _ = await start_server(settings, SPOOL_DIR=spool, **TWO)
+    try:
+
+        async def all_stored() -> list[Any]:
+            rows = await db.fetch("select content, metadata from session_events where event_type = 'ai_message'")
+            return rows if len(rows) >= 12 else []
+
+        rows = await eventually(all_stored, timeout=15)
+    finally:
+        manager.terminate()
+        await manager.wait()
     assert len(rows) == 12
     for row in rows:
         assert orjson.loads(row["metadata"])["status"] == "interrupted"
