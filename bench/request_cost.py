@@ -1,6 +1,6 @@
 """`python -m bench.request_cost`: event-loop CPU spent per upstream request, by the length of the context sent,
-and per streamed token. `--httpx2` measures the openai client on its default httpx2 transport instead of the
-aiohttp one the server uses, for comparison.
+and per streamed token. `--sdk` measures the same requests through the `openai` client's own streaming call (on
+its aiohttp transport) instead of the server's request path, for comparison.
 
 CPU is `time.process_time()` of this process (the upstream runs in another), so other work on the machine shifts
 the figures less than wall time would; each figure is the best of `--repeat` runs, the least disturbed one."""
@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import openai
@@ -21,9 +22,31 @@ from core.settings import Settings
 from .stack import free_port, start_upstream
 
 
+class SDKStream:
+    """The comparison: `chat.completions.create(stream=True)` and its parsed chunks, as the SDK's docs show it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._client = openai.AsyncOpenAI(
+            api_key="bench", base_url=settings.openai_base_url, max_retries=0, http_client=openai.DefaultAioHttpClient()
+        )
+
+    async def stream(self, messages: list[ChatMessage], stats: StreamStats) -> AsyncIterator[str]:
+        chunks = await self._client.chat.completions.create(
+            model="bench",
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+        )
+        async for chunk in chunks:  # type: ignore[union-attr]
+            if chunk.choices and (text := chunk.choices[0].delta.content):
+                yield text
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
 async def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.request_cost")
-    parser.add_argument("--httpx2", action="store_true", help="the openai client's default transport")
+    parser.add_argument("--sdk", action="store_true", help="the openai client's own streaming call")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is shown")
     parser.add_argument("--streams", type=int, default=10, help="concurrent long answers")
     parser.add_argument("--tokens", type=int, default=2000, help="tokens in each long answer")
@@ -32,15 +55,7 @@ async def main(argv: list[str]) -> None:
     upstream = await start_upstream(port)
     try:
         settings = Settings(openai_base_url=f"http://127.0.0.1:{port}/v1", openai_api_key="bench")
-        llm = OpenAILLM(settings)
-        if args.httpx2:
-            await llm.close()
-            llm._client = openai.AsyncOpenAI(
-                api_key="bench",
-                base_url=settings.openai_base_url,
-                max_retries=0,
-                http_client=openai.DefaultAsyncHttpx2Client(),
-            )
+        llm: OpenAILLM | SDKStream = SDKStream(settings) if args.sdk else OpenAILLM(settings)
         async with aiohttp.ClientSession() as http:
 
             async def pace(tokens: int, gap_s: float) -> None:

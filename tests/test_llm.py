@@ -385,3 +385,15 @@ async def test_the_offline_model_is_used_only_when_no_provider_is_configured() -
         llm = make_llm(settings)
         assert isinstance(llm, OpenAILLM) and llm.model == settings.openai_model
         await llm.close()
+
+
+async def test_a_slow_consumer_is_not_taken_for_a_stalled_provider(make: MakeLLM, upstream: FakeOpenAI) -> None:
+    # The token gap counts only while we wait on the provider, not while the reader of the pieces is busy.
+    upstream.script(fake_api.slow(0.01, text="one two three four"))
+    llm = make(llm_token_gap_timeout_s=0.2)
+    pieces = []
+    async with aclosing(llm.stream(HELLO, StreamStats())) as stream:
+        async for piece in stream:
+            pieces.append(piece)
+            await asyncio.sleep(0.3)
+    assert "".join(pieces) == "one two three four"

@@ -11,25 +11,26 @@ from contextlib import suppress
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import openai
-
 from ..errors import LLMError, LLMRateLimited, LLMUnavailable
 
 _SECRET_RE = re.compile(r"\b(sk|rk|pk)-[\w*.\-]+")
 _MAX_PROVIDER_MESSAGE = 200
 
 
-def status_error(e: openai.APIStatusError, api_key: str | None) -> LLMError:
-    status = e.status_code
-    wait_s = retry_after(e.response.headers)
+def status_error(status: int, headers: Mapping[str, str], body: object, api_key: str | None) -> LLMError:
+    """An HTTP error status with its headers and (parsed) body, read as the `openai` client reads it: the body's
+    `error` object when there is one."""
+    data = body.get("error", body) if isinstance(body, dict) else body
+    kinds = (data.get("code"), data.get("type")) if isinstance(data, dict) else ()
+    wait_s = retry_after(headers)
     if status == 429:
-        if "insufficient_quota" in (e.code, e.type):
+        if "insufficient_quota" in kinds:
             # Quota does not come back within a retry budget: fail at once.
             return LLMRateLimited("the model provider's quota is used up")
         return LLMRateLimited("the model provider is rate limiting requests", retry_after=wait_s, retryable=True)
     if status >= 500 or status in (408, 409):
         return LLMUnavailable(f"the model provider failed ({status})", retry_after=wait_s, retryable=True)
-    detail = provider_message(e.body, api_key)
+    detail = provider_message(data, api_key)
     return LLMError(f"the provider rejected the request ({status})" + (f": {detail}" if detail else ""))
 
 

@@ -1,21 +1,29 @@
-"""The OpenAI-compatible chat model: raw SSE streaming, our own timeouts and retries, provider errors mapped to ours."""
+"""The OpenAI-compatible chat model: raw SSE streaming, our own timeouts and retries, provider errors mapped to ours.
+
+The streamed request is built once per process and only its body changes: the URL, the authentication and the
+headers come from the `openai` client (so they are what the SDK sends), and the request goes out on an aiohttp
+session of our own. The client's per-request path (options model, deep copies, header objects, the httpx2 layer
+over aiohttp) cost about 0.7 ms per request and 20 µs per streamed read (bench/RESULTS.md, issue 19).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import AsyncExitStack, aclosing, suppress
+from contextlib import aclosing, suppress
 from typing import Any
 
-import httpx2
+import aiohttp
 import openai
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+import orjson
+from yarl import URL
 
 from ..backoff import backoff_delay
 from ..errors import LLMError, LLMUnavailable
 from ..settings import Settings
 from .base import LLM, ChatMessage, StreamStats
+from .deadline import Deadline, Expired
 from .failures import status_error
 from .sse import SSEDecoder
 
@@ -24,12 +32,11 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Local OpenAI-compatible servers ignore the key, but the client refuses to start without one.
 PLACEHOLDER_API_KEY = "no-key-needed"
-# The client's own timeouts only catch what ours cannot (a stuck write or pool); ours fire first.
-_BACKSTOP_MARGIN_S = 30.0
 _BACKOFF_FIRST_S = 0.25
 # After [DONE] the end of the body is normally already buffered: reading it lets the connection be reused.
 _DRAIN_S = 0.25
-_STREAM = openai.AsyncStream[ChatCompletionChunk]
+# An error body is read for its message; a provider that sends more is cut here.
+_ERROR_BODY_MAX = 64 * 1024
 
 
 class OpenAILLM(LLM):
@@ -38,23 +45,31 @@ class OpenAILLM(LLM):
     def __init__(self, settings: Settings) -> None:
         self.model = settings.openai_model
         self._settings = settings
-        backstop = max(settings.llm_first_token_timeout_s, settings.llm_token_gap_timeout_s) + _BACKSTOP_MARGIN_S
-        self._client = openai.AsyncOpenAI(
+        client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key or PLACEHOLDER_API_KEY,
             # Explicit, so the client never falls back to reading OPENAI_BASE_URL itself.
             base_url=settings.openai_base_url or DEFAULT_BASE_URL,
-            # We retry ourselves: the client's retries would multiply our waits and hide them from the budget.
             max_retries=0,
-            timeout=httpx2.Timeout(
-                connect=settings.llm_connect_timeout_s, read=backstop, write=backstop, pool=backstop
-            ),
-            # The client's aiohttp transport: reading a stream through it costs about a third of the CPU per
-            # chunk of its default httpx2 one (bench/RESULTS.md). One upstream connection per answer streaming
-            # now, up to as many as this process takes sockets: a smaller pool would queue answers behind others.
-            http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=max(settings.max_connections, 100), keepalive_expiry=30.0)
-            ),
         )
+        self._url = URL(str(client.base_url.join("chat/completions")))
+        headers = {**client.default_headers, **client.auth_headers}
+        # Unset optional headers (organisation, project) are placeholders, not values.
+        self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
+        self._headers["Accept"] = "text/event-stream"
+        # One upstream connection per answer streaming now, up to as many as this process takes sockets: a smaller
+        # pool would queue answers behind others. Created on first use, inside the running loop.
+        self._pool_size = max(settings.max_connections, 100)
+        self._http: aiohttp.ClientSession | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=30.0),
+                # Our deadlines (first token, token gap) bound the rest; only connecting has its own.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.llm_connect_timeout_s),
+                json_serialize=lambda v: orjson.dumps(v).decode(),
+            )
+        return self._http
 
     async def stream(
         self, messages: Sequence[ChatMessage], stats: StreamStats, *, max_tokens: int | None = None
@@ -87,7 +102,8 @@ class OpenAILLM(LLM):
                 await asyncio.sleep(wait)
 
     async def close(self) -> None:
-        await self._client.close()
+        if self._http is not None:
+            await self._http.close()
 
     def _retry_wait(self, error: LLMError, retries: int) -> float:
         cap = self._settings.llm_retry_after_cap_s
@@ -98,82 +114,86 @@ class OpenAILLM(LLM):
     async def _attempt(
         self, messages: Sequence[ChatMessage], max_tokens: int | None, stats: StreamStats
     ) -> AsyncGenerator[str, None]:
-        """One upstream request. Timeouts wrap each awaited read and never a `yield`: one that fired while we are
-        suspended at a yield would cancel the consumer instead of us."""
+        """One upstream request. The deadlines run only while a read is pending, never across a `yield`: the
+        consumer's own time (a slow socket) is not the provider's."""
         s = self._settings
-        first_deadline = asyncio.get_running_loop().time() + s.llm_first_token_timeout_s
+        loop = asyncio.get_running_loop()
+        first_deadline = loop.time() + s.llm_first_token_timeout_s
+        gap_s = s.llm_token_gap_timeout_s
         decoder = SSEDecoder()
         got_text = False
         # A failed earlier attempt's finish_reason must not vouch for this one.
         stats.finish_reason = None
-        async with AsyncExitStack() as stack:
-            body: dict[str, Any] = {
-                "model": self.model,
-                "messages": list(messages),
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            if max_tokens is not None:
-                body["max_tokens"] = max_tokens
-            # The client's own request path (URL, headers, authentication, status errors), minus the resource
-            # method's per-request type transforms of the parameters: about a third of its cost, and a walk of
-            # every context message (0.1 ms each) on the event loop that every other stream shares.
-            request = self._client.post(
-                "/chat/completions",
-                cast_to=ChatCompletion,
-                body=body,
-                stream=True,
-                stream_cls=_STREAM,
-            )
-            try:
-                async with asyncio.timeout_at(first_deadline):
-                    stream = await request
-                stack.push_async_callback(stream.close)
-            except TimeoutError as e:
-                raise _first_token_timeout(s) from e
-            except openai.APIStatusError as e:
-                raise status_error(e, s.openai_api_key) from e
-            except openai.APIConnectionError as e:
-                raise LLMUnavailable("could not reach the model provider", retryable=True) from e
-            except openai.OpenAIError as e:
-                raise LLMError("the model provider could not be called") from e
-            # Raw bytes, not the client's per-event pydantic objects: this loop runs once per token.
-            reads = stream.response.aiter_bytes()
-            await stack.enter_async_context(aclosing(reads))
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        try:
+            async with asyncio.timeout_at(first_deadline):
+                response = await self._session().post(self._url, data=orjson.dumps(body), headers=self._headers)
+                if response.status >= 400:
+                    raise await self._status_error(response)
+        except TimeoutError as e:
+            raise _first_token_timeout(s) from e
+        except aiohttp.ClientError as e:
+            raise LLMUnavailable("could not reach the model provider", retryable=True) from e
+        content = response.content
+        deadline = Deadline(content)
+        try:
             while not decoder.done:
+                deadline.reading(loop.time() + gap_s if got_text else first_deadline)
                 try:
-                    if got_text:
-                        async with asyncio.timeout(s.llm_token_gap_timeout_s):
-                            data = await reads.__anext__()
-                    else:
-                        async with asyncio.timeout_at(first_deadline):
-                            data = await reads.__anext__()
-                except StopAsyncIteration:
-                    data = None
-                except TimeoutError as e:
+                    data = await content.readany()
+                except Expired as e:
                     if got_text:
                         raise LLMUnavailable(
-                            f"the model stopped answering for {s.llm_token_gap_timeout_s:g} s (token gap timeout)",
-                            retryable=True,
+                            f"the model stopped answering for {gap_s:g} s (token gap timeout)", retryable=True
                         ) from e
                     raise _first_token_timeout(s) from e
-                except httpx2.HTTPError as e:
+                except aiohttp.ClientError as e:
                     raise LLMUnavailable("the connection to the model provider broke", retryable=True) from e
-                text = decoder.feed(data, stats) if data is not None else decoder.end(stats)
+                deadline.read()
+                text = decoder.feed(data, stats) if data else decoder.end(stats)
                 if text:
                     got_text = True
                     yield text
                 if decoder.error is not None:
                     raise decoder.error
-                if data is None:
+                if not data:
                     break
             if decoder.done:
-                with suppress(TimeoutError, httpx2.HTTPError):
+                with suppress(TimeoutError, aiohttp.ClientError):
                     async with asyncio.timeout(_DRAIN_S):
-                        async for _ in reads:
+                        while await content.readany():
                             pass
+        finally:
+            deadline.cancel()
+            # Read to its end, the connection goes back to the pool; otherwise closing it stops the provider.
+            if content.at_eof() and not deadline.expired:
+                response.release()
+            else:
+                response.close()
         if not decoder.done and stats.finish_reason is None:
             raise LLMUnavailable("the model's answer ended before it was complete", retryable=True)
+
+    async def _status_error(self, response: aiohttp.ClientResponse) -> LLMError:
+        """The provider refused the request: its status, headers and error body, as ours."""
+        try:
+            raw = await response.content.read(_ERROR_BODY_MAX)
+        except aiohttp.ClientError:
+            raw = b""
+        finally:
+            response.close()
+        body: object
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = raw.decode(errors="replace")
+        return status_error(response.status, response.headers, body, self._settings.openai_api_key)
 
 
 def _first_token_timeout(s: Settings) -> LLMUnavailable:
