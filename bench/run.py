@@ -78,7 +78,7 @@ async def relay(stack: Stack, *, sessions: int, label: str, spread_s: float = 0.
 
     upstream = await stack.upstream_timings()
     server_side = await _server_timings(stack, label)
-    client_added, server_added, lags = [], [], []
+    client_added, server_added, lags, to_upstream, back = [], [], [], [], []
     for i, turn in enumerate(turns):
         marker = f"{label}-{i}"
         if marker not in upstream or turn.first_delta is None:
@@ -89,6 +89,9 @@ async def relay(stack: Stack, *, sessions: int, label: str, spread_s: float = 0.
         if marker in server_side:
             received_at, first_delta_at = server_side[marker]
             server_added.append(first_delta_at - received_at - own)
+            # The two halves: the message to the upstream's request, and its first chunk to our first delta.
+            to_upstream.append(arrived - received_at)
+            back.append(first_delta_at - first_chunk)
         if turn.stored is not None:
             lags.append(turn.stored - turn.sent)
     tokens = sum(t.tokens for t in turns)
@@ -98,6 +101,10 @@ async def relay(stack: Stack, *, sessions: int, label: str, spread_s: float = 0.
         "server_added_p99": pct(server_added, 99),
         "client_added_p50": pct(client_added, 50),
         "client_added_p99": pct(client_added, 99),
+        "to_upstream_p50": pct(to_upstream, 50),
+        "to_upstream_p99": pct(to_upstream, 99),
+        "back_p50": pct(back, 50),
+        "back_p99": pct(back, 99),
         "stored_lag_p50": pct(lags, 50),
         "stored_lag_p99": pct(lags, 99),
         "tokens": tokens,
@@ -172,7 +179,7 @@ async def main(argv: list[str]) -> int:
         print("'100~2s': 100 sessions whose messages arrive spread over 2 s while the others stream")
         print(
             f"{'sessions':>9} {'server p50':>12} {'server p99':>12} {'client p50':>12} {'client p99':>12}"
-            f" {'stored p50':>12} {'stored p99':>12}"
+            f" {'stored p50':>12} {'stored p99':>12} {'to upstream':>16} {'back':>16}"
         )
         runs = [(int(x), 0.0) for x in args.sessions.split(",") if x]
         if args.spread_s:
@@ -184,6 +191,8 @@ async def main(argv: list[str]) -> int:
                 f"{name:>9} {fmt_ms(r['server_added_p50']):>12} {fmt_ms(r['server_added_p99']):>12}"
                 f" {fmt_ms(r['client_added_p50']):>12} {fmt_ms(r['client_added_p99']):>12}"
                 f" {fmt_ms(r['stored_lag_p50']):>12} {fmt_ms(r['stored_lag_p99']):>12}"
+                f" {fmt_ms(r['to_upstream_p50']) + '/' + fmt_ms(r['to_upstream_p99']):>16}"
+                f" {fmt_ms(r['back_p50']) + '/' + fmt_ms(r['back_p99']):>16}"
             )
 
         await stack.pace(tokens=args.throughput_tokens, ttft_s=0, gap_s=0)
