@@ -23,31 +23,32 @@ from .summaries import add_summary_options, summary_runs
 # The floor: nothing between the client and the upstream.
 
 
-async def floor(stack: Stack, *, streams: int) -> dict[str, float]:
-    ttfts: list[float] = []
+async def floor(stack: Stack, *, streams: int, spread_s: float = 0.0, label: str = "floor") -> dict[str, float]:
+    """`streams` clients reading the upstream directly, as the relay's sessions do (with `spread_s`, starting at
+    random times over that many seconds): their time to first token beyond the upstream's own is the floor."""
+    ttfts: dict[str, float] = {}
     tokens = 0
-    started = time.perf_counter()
+    rng = random.Random(streams)
 
-    async def one(i: int) -> None:
+    async def one(marker: str) -> None:
         nonlocal tokens
-        body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": f"floor-{i}"}]}
+        await asyncio.sleep(rng.uniform(0, spread_s))
+        body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": marker}]}
         sent = time.perf_counter()
-        first = None
         async with stack.http.post(f"{stack.upstream_url}/v1/chat/completions", json=body) as resp:
             async for line in resp.content:
                 if line.startswith(b"data: {"):
                     event = orjson.loads(line[6:])
                     if event["choices"] and event["choices"][0]["delta"].get("content"):
                         tokens += 1
-                        if first is None:
-                            first = time.perf_counter() - sent
-        ttfts.append(first or 0.0)
+                        if marker not in ttfts:
+                            ttfts[marker] = time.perf_counter() - sent
 
-    await asyncio.gather(*(one(i) for i in range(streams)))
+    started = time.perf_counter()
+    await asyncio.gather(*(one(f"{label}-{i}") for i in range(streams)))
     elapsed = time.perf_counter() - started
     timings = await stack.upstream_timings()
-    own = [first - arrived for key, (arrived, first, _) in timings.items() if key.startswith("floor-")]
-    overhead = [t - o for t, o in zip(sorted(ttfts), sorted(own), strict=False)]
+    overhead = [ttft - (timings[m][1] - timings[m][0]) for m, ttft in ttfts.items() if m in timings]
     return {
         "tokens_per_s": tokens / elapsed,
         "ttft_overhead_p50": pct(overhead, 50),
@@ -179,13 +180,16 @@ async def main(argv: list[str]) -> int:
         print("'100~2s': 100 sessions whose messages arrive spread over 2 s while the others stream")
         print(
             f"{'sessions':>9} {'server p50':>12} {'server p99':>12} {'client p50':>12} {'client p99':>12}"
-            f" {'stored p50':>12} {'stored p99':>12} {'to upstream':>16} {'back':>16}"
+            f" {'stored p50':>12} {'stored p99':>12} {'to upstream':>16} {'back':>16} {'floor':>16}"
+            f" {'over floor':>16}"
         )
         runs = [(int(x), 0.0) for x in args.sessions.split(",") if x]
         if args.spread_s:
             runs += [(int(x), args.spread_s) for x in args.sessions.split(",") if x and int(x) > 1]
         for run_no, (level, spread) in enumerate(runs):
             r = await relay(stack, sessions=level, label=f"lat{run_no}x{level}", spread_s=spread)
+            # The same load read directly, right after: what a client pays with nothing in between.
+            f = await floor(stack, streams=level, spread_s=spread, label=f"floor{run_no}x{level}")
             name = f"{level}" if not spread else f"{level}~{spread:g}s"
             print(
                 f"{name:>9} {fmt_ms(r['server_added_p50']):>12} {fmt_ms(r['server_added_p99']):>12}"
@@ -193,6 +197,9 @@ async def main(argv: list[str]) -> int:
                 f" {fmt_ms(r['stored_lag_p50']):>12} {fmt_ms(r['stored_lag_p99']):>12}"
                 f" {fmt_ms(r['to_upstream_p50']) + '/' + fmt_ms(r['to_upstream_p99']):>16}"
                 f" {fmt_ms(r['back_p50']) + '/' + fmt_ms(r['back_p99']):>16}"
+                f" {fmt_ms(f['ttft_overhead_p50']) + '/' + fmt_ms(f['ttft_overhead_p99']):>16}"
+                f" {fmt_ms(r['client_added_p50'] - f['ttft_overhead_p50']):>7}/"
+                f"{fmt_ms(r['client_added_p99'] - f['ttft_overhead_p99'])}"
             )
 
         await stack.pace(tokens=args.throughput_tokens, ttft_s=0, gap_s=0)
