@@ -17,7 +17,20 @@ import aiohttp
 import asyncpg
 import orjson
 
-from .stack import Stack, Turn, converse, fmt_ms, open_session, pct, proc_cpu_s, proc_rss_kib, running_stack
+from .idle import capacity, hold
+from .stack import (
+    REPO,
+    Stack,
+    Turn,
+    converse,
+    fmt_ms,
+    free_port,
+    open_session,
+    pct,
+    proc_cpu_s,
+    running_stack,
+    wait_http,
+)
 from .summaries import add_summary_options, summary_runs
 
 # The floor: nothing between the client and the upstream.
@@ -130,25 +143,18 @@ async def _server_timings(stack: Stack, label: str) -> dict[str, tuple[float, fl
 
 
 async def idle(stack: Stack, *, connections: int) -> dict[str, Any]:
-    """Open `connections` sessions and leave them idle; what does each cost the server, and does it hold them?"""
-    rss0 = proc_rss_kib(stack.server.pid)
-    sockets: list[aiohttp.ClientWebSocketResponse] = []
-    for start in range(0, connections, 200):
-        batch = range(start, min(connections, start + 200))
-        sockets += await asyncio.gather(*(open_session(stack, f"idle-{i}") for i in batch))
-    await asyncio.sleep(1)
-    rss1 = proc_rss_kib(stack.server.pid)
-    # Held: a ping on a sample of the sockets still gets its pong.
-    sample = sockets[:: max(1, len(sockets) // 50)]
-    for ws in sample:
-        await ws.send_str('{"type":"ping"}')
-    pongs = 0
-    for ws in sample:
-        msg = await ws.receive(timeout=10)
-        pongs += msg.type is aiohttp.WSMsgType.TEXT and orjson.loads(msg.data)["type"] == "pong"
-    for start in range(0, len(sockets), 500):
-        await asyncio.gather(*(ws.close() for ws in sockets[start : start + 500]))
-    return {"connections": connections, "kib_per_connection": (rss1 - rss0) / connections, "held": pongs == len(sample)}
+    """`connections` idle sessions on the server, then as many on a bare aiohttp WebSocket endpoint (the floor)."""
+    count = capacity(connections)
+    ours = await hold(stack.server_url, stack.server.pid, count)
+    port = free_port()
+    bare = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.bare_ws", "--port", str(port), cwd=REPO)
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/healthz")
+        floor_ = await hold(f"http://127.0.0.1:{port}", bare.pid, count)
+    finally:
+        bare.terminate()
+        await bare.wait()
+    return {**ours, "asked": connections, "floor_kib_per_connection": floor_["kib_per_connection"]}
 
 
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
@@ -223,9 +229,11 @@ async def main(argv: list[str]) -> int:
 
         if args.idle:
             m = await idle(stack, connections=args.idle)
+            limited = "" if m["asked"] == m["connections"] else f" (of {m['asked']:,} asked: the open-file limit)"
             print(
-                f"\nidle connections: {m['connections']:,} open, {m['kib_per_connection']:.1f} KiB each,"
-                f" {'all held' if m['held'] else 'NOT all held'}"
+                f"\nidle connections: {m['connections']:,} open{limited}, {m['kib_per_connection']:.1f} KiB each,"
+                f" {'all held' if m['held'] else 'NOT all held'} ({m['answered']:,} answered a ping);"
+                f" floor (a bare aiohttp WebSocket endpoint): {m['floor_kib_per_connection']:.1f} KiB each"
             )
     return 0
 

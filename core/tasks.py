@@ -10,14 +10,19 @@ from typing import Any
 class TaskSet:
     """A set of fire-and-forget tasks (asyncio keeps only weak references to running tasks)."""
 
+    __slots__ = ("_tasks",)
+
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Made at the first spawn: every connection and session has one, and most never spawn.
+        self._tasks: set[asyncio.Task[Any]] | None = None
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) if self._tasks else 0
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -34,7 +39,8 @@ class TaskSet:
         await self.wait(within_s=0)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+        if self._tasks is not None:
+            self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # Retrieved: a failure is logged where it happens, never as "never retrieved".
 

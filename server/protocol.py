@@ -115,7 +115,14 @@ def _user_message(text: str, client_msg_id: str | None, max_message_bytes: int) 
 
 
 def _dumps(event: dict[str, Any]) -> bytes:
-    return orjson.dumps(event)
+    return compact(orjson.dumps(event))
+
+
+def compact(data: bytes) -> bytes:
+    """`data` in a buffer of its own size. orjson's output keeps the 4 KiB buffer it was written into: a frame
+    that is kept (a session's `session.ready`, the last stored answer, a queue behind a slow reader) would hold
+    4 KiB however short it is. A delta that is sent at once is not worth the copy."""
+    return bytes(memoryview(data))
 
 
 def _iso(ts: datetime) -> str:

@@ -208,15 +208,20 @@ async def _serve(
     on_closed: Callable[[], None],
 ) -> None:
     app, metrics, conversation = request.app, request.app[METRICS], conn.session.conversation
-    # Built with no await before `run` joins the answer it names.
-    ready = protocol.session_ready(
-        conn.session.id,
-        resumed=resumed,
-        model=app[LLM_CLIENT].model,
-        history=[e for e in history if e.id > after],
-        active_response=conversation.active_response(),
-        mode=protocol.WATCH if conn.watch else protocol.WRITE,
-    )
+    through = max((e.id for e in history), default=0)
+    # Built with no await before `run` joins the answer it names; not kept in a local, and the history (read for
+    # this connection alone) emptied: a connection open for hours should not hold either.
+    ready = [
+        protocol.session_ready(
+            conn.session.id,
+            resumed=resumed,
+            model=app[LLM_CLIENT].model,
+            history=[e for e in history if e.id > after],
+            active_response=conversation.active_response(),
+            mode=protocol.WATCH if conn.watch else protocol.WRITE,
+        )
+    ]
+    history.clear()
     app[SOCKETS].add(ws)
     metrics.open_sockets.inc()
     expiry: asyncio.TimerHandle | None = None
@@ -232,14 +237,13 @@ async def _serve(
         metrics.open_sockets.dec()
         on_closed()
 
-    through = max((e.id for e in history), default=0)
     mode = protocol.WATCH if conn.watch else protocol.WRITE
     attributes = {"session.id": conn.session.id, "rt.mode": mode, "rt.resumed": resumed}
     with telemetry.span("websocket session", kind="SERVER", attributes=attributes):
         if not conn.watch:
             # The session's writes, turns and jobs from now on belong to this connection's trace.
             conn.session.writer.trace = telemetry.current()
-        await conn.run(ready, on_closed=closed, history_through=max(through, after), resume=resume)
+        await conn.run(ready.pop(), on_closed=closed, history_through=max(through, after), resume=resume)
 
 
 async def close_sockets(app: web.Application) -> None:

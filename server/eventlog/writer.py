@@ -12,6 +12,7 @@ from typing import Any
 from core import telemetry
 from core.backoff import backoff_delay
 from core.errors import StoreError, StoreUnavailable
+from core.flag import Flag
 from core.store import NewEvent, Store
 
 from ..metrics import Metrics
@@ -42,8 +43,7 @@ class EventWriter:
         self._queue: list[Pending] = []
         # How many events at the front of the queue are being committed now.
         self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle = Flag(True)
 
     @property
     def pending(self) -> int:

@@ -18,7 +18,9 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core import livestream as ls
+from core.flag import Flag
 
+from ..protocol import compact
 from .answer import Answer
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ class Publisher:
         self._info = b""
         self._sent_seq = 0
         self._dirty = False
-        self._wake = asyncio.Event()
+        self._wake = Flag()
         self._task: asyncio.Task[None] | None = None
         self._renewed = 0.0
 
@@ -112,7 +114,8 @@ class Publisher:
 
     def started(self, answer: Answer, client_msg_id: str | None) -> None:
         self._answer, self._sent_seq, self._renewed = answer, 0, 0.0
-        self._info = orjson.dumps({"rid": answer.response_id, "cmid": client_msg_id, "server": self._broker.server_id})
+        info = {"rid": answer.response_id, "cmid": client_msg_id, "server": self._broker.server_id}
+        self._info = compact(orjson.dumps(info))
         self._add(
             {"k": ls.STARTED, "rid": answer.response_id, "cmid": client_msg_id or "", "server": self._broker.server_id}
         )

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from core.errors import ProtocolError
+from core.flag import Flag
 from core.settings import Settings
 from core.store import CONNECTED, DISCONNECTED
 from core.tasks import TaskSet, succeeded
@@ -56,7 +57,7 @@ class Connection:
         self._user_id = user_id
         self._user_rate = user_rate
         self._limiter = TokenBucket(settings.messages_per_minute)
-        self._closed = asyncio.Event()
+        self._closed = Flag()
         self._close_sent: int | None = None
         # Set once we decide to close: frames read after it are refused by the close itself (never stored).
         self._closing = False
@@ -87,6 +88,7 @@ class Connection:
         """
         conversation = self.session.conversation
         self.outbox.put(ready)
+        del ready  # sent: not kept for the life of the connection
         conversation.join(self.outbox, history_through=history_through, resume=resume)
         if self.watch:
             conversation.audience.add_watcher(self.outbox)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -79,7 +78,8 @@ class Context:
         # The id of the last message the summary covers, and of the last one left out of the request.
         self.summary_through = 0
         self.dropped_through = 0
-        self._parts: deque[Part] = deque()
+        # A list, not a deque: an empty deque costs 600 bytes per session, and the budget keeps this short.
+        self._parts: list[Part] = []
         self._tokens = 0  # of `_parts`
         # The parts of the last request, for `observed`; void once the parts change under it.
         self._sent: list[Part] | None = None
@@ -219,7 +219,7 @@ class Context:
             stored = parts[0].stored_id
             if stored is None or stored > through:
                 break
-            self._tokens -= parts.popleft().tokens
+            self._tokens -= parts.pop(0).tokens
         self._set_summary(text, through=through, tokens=tokens)
         return before, self.tokens
 
@@ -230,7 +230,7 @@ class Context:
         self._sent = None
 
     def _drop_oldest(self) -> None:
-        part = self._parts.popleft()
+        part = self._parts.pop(0)
         self._tokens -= part.tokens
         stored = part.stored_id
         if stored is not None:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from core import telemetry
 from core.errors import LLMError, ProtocolError
+from core.flag import Flag
 from core.jobs import ContextSummary, JobQueue
 from core.llm import LLM, StreamStats
 from core.llm.tokens import Counter, estimate
@@ -78,7 +78,8 @@ class Conversation:
         self.audience = Audience()
         # client_msg_id -> its stored id, or the future of it while the write is pending.
         self._client_msgs: dict[str, int | asyncio.Future[int]] = {}
-        self._waiting: deque[Turn] = deque()
+        # At most MAX_PENDING_MESSAGES: a list (an empty deque costs 600 bytes per session).
+        self._waiting: list[Turn] = []
         self._task: asyncio.Task[None] | None = None
         self._streaming = False
         self._cancel_asked = False
@@ -86,8 +87,7 @@ class Conversation:
         self._draining = False
         # While a stop is under way: messages are still stored, but not answered.
         self._stopping = False
-        self._quiet = asyncio.Event()
-        self._quiet.set()
+        self._quiet = Flag(True)
         # User messages accepted over the session's life (MAX_TURNS_PER_SESSION), and the newest message's write.
         self.turns = 0
         self.last_message: asyncio.Future[int] | None = None
@@ -270,7 +270,7 @@ class Conversation:
         self._cancel_asked = False
         if self._waiting and not (self._draining or self._stopping):
             self._quiet.clear()
-            self._task = asyncio.create_task(self._turn(self._waiting.popleft()), name=f"answer:{self.session_id}")
+            self._task = asyncio.create_task(self._turn(self._waiting.pop(0)), name=f"answer:{self.session_id}")
         else:
             self._task = None
             self.running.local = None

@@ -9,6 +9,8 @@ from collections import deque
 
 from aiohttp import WSMsgType, web
 
+from ..protocol import compact
+
 log = logging.getLogger(__name__)
 
 # aiohttp raises ClientConnectionResetError (a ConnectionResetError) when writing to a closing socket.
@@ -49,7 +51,8 @@ class Outbox:
         self._transport = transport
         self._timeout_s = timeout_s
         self._max_bytes = max_buffer_bytes
-        self._queue: deque[bytes] = deque()
+        # Made when a frame first has to wait (an empty deque costs 600 bytes, and most sockets never queue).
+        self._queue: deque[bytes] | None = None
         self._queued_bytes = 0
         self._sending = False
         # Sends started so far, and (count, time) when the sweep last saw one waiting: progress shows as a new count.
@@ -99,16 +102,17 @@ class Outbox:
             self._drop_queue()
             return
         self._sending = True
-        queue = self._queue
         try:
             if frame is not None:
                 self._sends += 1
                 await ws.send_frame(frame, WSMsgType.TEXT)
-            while queue:
+            # Read each time round: the queue may be made (or dropped) while a send waits.
+            while queue := self._queue:
                 frame = queue.popleft()
                 self._queued_bytes -= len(frame)
                 self._sends += 1
                 await ws.send_frame(frame, WSMsgType.TEXT)
+            self._queue = None
         except _SEND_ERRORS:
             # The peer is gone: the read loop sees the close and winds the connection down.
             self._drop_queue()
@@ -142,13 +146,17 @@ class Outbox:
             transport.close()
 
     def _enqueue(self, frame: bytes) -> None:
+        # Kept until the peer reads: at its own size (see `protocol.compact`), so the byte limit is the memory used.
+        frame = compact(frame)
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(frame)
         self._queued_bytes += len(frame)
         if self._queued_bytes > self._max_bytes:
             self.abort(f"more than {self._max_bytes} bytes waiting to be sent")
 
     def _drop_queue(self) -> None:
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
 
 
