@@ -167,7 +167,10 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--throughput-sessions", type=int, default=200)
     parser.add_argument("--throughput-tokens", type=int, default=500)
-    parser.add_argument("--idle", type=int, default=10_000, help="idle connections for the memory run")
+    parser.add_argument("--idle", type=int, default=50_000, help="idle connections for the memory run")
+    parser.add_argument(
+        "--naive-sessions", type=int, default=100, help="sessions for the naive relay's CPU comparison (0: skip it)"
+    )
 
 
 async def main(argv: list[str]) -> int:
@@ -175,7 +178,8 @@ async def main(argv: list[str]) -> int:
     add_relay_options(parser)
     add_summary_options(parser)
     args = parser.parse_args(argv)
-    async with running_stack() as stack:
+    # Room for the idle run's sockets (the server refuses past MAX_CONNECTIONS).
+    async with running_stack(MAX_CONNECTIONS=str(max(args.idle + 100, 10_000))) as stack:
         # First, while the worker is the only extra load: it is stopped before the relay is measured.
         await summary_runs(stack, args)
 
@@ -226,6 +230,12 @@ async def main(argv: list[str]) -> int:
             f"  store: {r['events_per_s']:,.0f} events/s, message-to-stored lag p50 {fmt_ms(r['stored_lag_p50'])},"
             f" p99 {fmt_ms(r['stored_lag_p99'])}"
         )
+
+        if args.naive_sessions:
+            # Imported here: bench.naive_cpu imports this module.
+            from .naive_cpu import compare
+
+            await compare(stack, sessions=args.naive_sessions, tokens=args.throughput_tokens, gap_ms=args.gap_ms)
 
         if args.idle:
             m = await idle(stack, connections=args.idle)

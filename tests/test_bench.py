@@ -28,6 +28,8 @@ async def test_the_bench_runs_and_prints_its_table(db, settings):
         "20",
         "--idle",
         "20",
+        "--naive-sessions",
+        "3",
         "--summary-sessions",
         "2",
         "--summary-jobs",
@@ -45,7 +47,10 @@ async def test_the_bench_runs_and_prints_its_table(db, settings):
     assert proc.returncode == 0, text
     assert "added latency" in text
     assert "relay throughput at saturation" in text
-    assert "idle connections: 20 open" in text and "all held" in text
+    assert "idle connections: 20 open" in text and "all held" in text and "bare aiohttp" in text
+    # The naive relay ran beside ours, both relaying every token.
+    assert "naive relay (bench/naive.py) against ours" in text and "unpaced" in text
+    assert "tokens received" not in text
     # A real worker summarised every session the summaries part ended (it waits for each summary to be stored, and
     # checks that arq recorded each job as done).
     assert "summaries (one worker process" in text
