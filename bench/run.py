@@ -167,6 +167,9 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--throughput-sessions", type=int, default=200)
     parser.add_argument("--throughput-tokens", type=int, default=500)
+    parser.add_argument(
+        "--event-loop", choices=("asyncio", "uvloop"), default="asyncio", help="the server's EVENT_LOOP"
+    )
     parser.add_argument("--idle", type=int, default=50_000, help="idle connections for the memory run")
     parser.add_argument(
         "--naive-sessions", type=int, default=100, help="sessions for the naive relay's CPU comparison (0: skip it)"
@@ -179,7 +182,7 @@ async def main(argv: list[str]) -> int:
     add_summary_options(parser)
     args = parser.parse_args(argv)
     # Room for the idle run's sockets (the server refuses past MAX_CONNECTIONS).
-    async with running_stack(MAX_CONNECTIONS=str(max(args.idle + 100, 10_000))) as stack:
+    async with running_stack(MAX_CONNECTIONS=str(max(args.idle + 100, 10_000)), EVENT_LOOP=args.event_loop) as stack:
         # First, while the worker is the only extra load: it is stopped before the relay is measured.
         await summary_runs(stack, args)
 

@@ -298,7 +298,9 @@ class Conversation:
         context.add("user", turn.text, stored=turn.stored)
         if self._publisher is not None:
             self._publisher.started(answer, turn.client_msg_id)
-        await audience.send(protocol.response_started(answer.response_id, turn.client_msg_id))
+        # Queued, not awaited: it goes out once this task next waits, that is right after the upstream request is
+        # written; the deltas queue behind it. The request is what the user waits for.
+        audience.put(protocol.response_started(answer.response_id, turn.client_msg_id))
         status, error = await self._stream(answer, context)
         self.running.local = None
         text = self._settings.fallback_text if error is not None else answer.text
