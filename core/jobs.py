@@ -25,6 +25,7 @@ SUMMARIZE_JOB: Final = "summarize_session"
 SWEEP_JOB: Final = "sweep_sessions"
 RECOVER_JOB: Final = "recover_answers"
 COMPACT_JOB: Final = "compact_context"
+# `rt:held:{<session_id>}`: hash-tagged on the session, as its other keys (core/livestream.py), for a Redis Cluster.
 HELD_PREFIX: Final = "rt:held:"
 # Where the worker announces each new context summary, so the server that holds the session uses it at once.
 CONTEXT_CHANNEL: Final = "rt:context"
@@ -73,8 +74,8 @@ class ContextSummary:
 
 
 def held_key(session_id: str) -> str:
-    """The Redis key that says a live server holds the session (see server/presence.py)."""
-    return HELD_PREFIX + session_id
+    """The Redis key that says a live server holds the session (see server/live/presence.py)."""
+    return f"{HELD_PREFIX}{{{session_id}}}"
 
 
 class JobQueue:

@@ -83,7 +83,7 @@ class UserRateLimiter:
     async def _count(self, user_id: str) -> None:
         now = time.time()
         window = int(now // _WINDOW_S)
-        key = f"rt:rate:{user_id}:{window}"
+        key = _rate_key(user_id, window)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.incr(key)
@@ -154,6 +154,11 @@ class DailyTokenBudget:
 
 def _today() -> str:
     return time.strftime("%Y%m%d", time.gmtime())
+
+
+def _rate_key(user_id: str, window: int) -> str:
+    # Hash-tagged on the user, as the budget's key: `rt:rate:{<user>}:<window>`.
+    return f"rt:rate:{{{user_id}}}:{window}"
 
 
 def _budget_key(user_id: str, day: str) -> str:

@@ -56,19 +56,20 @@ def test_the_compose_file_is_valid():
     assert result.returncode == 0, result.stderr
 
 
-def test_the_four_services_run_the_right_commands_with_health_checks():
+def test_the_five_services_run_the_right_commands_with_health_checks():
     services = resolved()["services"]
-    assert set(services) == {"redis", "postgres", "server", "worker"}
+    assert set(services) == {"redis", "postgres", "server", "worker", "lb"}
     assert services["server"]["command"] == ["python", "-m", "server"]
     assert services["worker"]["command"] == ["arq", "worker.WorkerSettings"]
     assert services["worker"]["healthcheck"]["test"] == ["CMD", "arq", "--check", "worker.WorkerSettings"]
     for name in services:
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no health check"
-    # The server listens on 8001 inside and out, on every interface of the container.
-    [port] = services["server"]["ports"]
-    # Published on the host's loopback only: without AUTH_* the server serves anyone who can reach it.
-    assert port == "127.0.0.1:8001:8001/tcp"
+    # The server listens on 8001 on every interface of its container, for the load balancer only: no host port,
+    # so `--scale server=3` does not collide on one.
+    assert "ports" not in services["server"]
+    assert [str(p) for p in services["server"]["expose"]] == ["8001"]
     assert services["server"]["environment"]["HOST"] == "0.0.0.0"
+    assert services["server"]["environment"]["PORT"] == "8001"
     assert services["server"]["environment"]["AUTH_DISABLED"] == "true"
     # Both app services come from the one Dockerfile, and wait for healthy dependencies.
     assert services["server"]["build"] == services["worker"]["build"]
@@ -78,6 +79,38 @@ def test_the_four_services_run_the_right_commands_with_health_checks():
             "postgres": {"condition": "service_healthy"},
         }
         assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_the_load_balancer_publishes_the_port_and_runs_deploy_haproxy_cfg():
+    lb = resolved()["services"]["lb"]
+    assert lb["image"] == "haproxy:2.8-alpine"
+    # Published on the host's loopback only: without AUTH_* the servers serve anyone who can reach them.
+    [port] = lb["ports"]
+    assert port == "127.0.0.1:8001:8001/tcp"
+    assert f"{REPO_ROOT / 'deploy' / 'haproxy.cfg'}:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
+    assert lb["healthcheck"]["test"] == ["CMD", "haproxy", "-c", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]
+    assert lb["depends_on"] == {"server": {"condition": "service_healthy"}}
+    assert lb["restart"] == "unless-stopped"
+    # Where the port goes when set.
+    [port] = resolved(PUBLISH_ADDRESS="0.0.0.0", PORT="9000")["services"]["lb"]["ports"]
+    assert port == "0.0.0.0:9000:8001/tcp"
+
+
+def test_haproxy_checks_readyz_spreads_by_least_connections_and_keeps_no_sessions_sticky():
+    lines = [line.split("#")[0].strip() for line in (REPO_ROOT / "deploy" / "haproxy.cfg").read_text().splitlines()]
+    lines = [line for line in lines if line]
+    assert "option httpchk GET /readyz" in lines
+    assert "balance leastconn" in lines
+    assert any(line.startswith("timeout tunnel ") for line in lines)
+    # tests/lb.py rewrites these two lines for the test's servers: their text is fixed.
+    assert "resolvers docker" in lines
+    assert any(line.startswith("server-template server 10 server:8001 ") for line in lines)
+    assert not [line for line in lines if line.split()[0] in ("cookie", "stick", "stick-table", "appsession")]
+
+
+def test_every_server_replica_runs_one_process_per_core_by_default():
+    assert resolved()["services"]["server"]["environment"]["WEB_CONCURRENCY"] == "0"
+    assert resolved(WEB_CONCURRENCY="4")["services"]["server"]["environment"]["WEB_CONCURRENCY"] == "4"
 
 
 def test_redis_and_postgres_keep_their_data_and_postgres_gets_the_schema():
