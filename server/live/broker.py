@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,8 @@ COALESCE_S = 0.05
 _ERRORS = (RedisError, OSError)
 # At shutdown, how long a round trip already under way may take before it is cut.
 _CLOSE_WAIT_S = 2.0
+# How often a session's stream has its expiry (STREAM_TTL_MS, minutes) pushed back while entries are added.
+_EXPIRY_EVERY_S = 10.0
 
 
 class Broker:
@@ -151,7 +154,17 @@ class Broker:
 class Publisher:
     """One session's publishing: entries queue here and the broker's writer takes them, coalescing deltas."""
 
-    __slots__ = ("_answer", "_broker", "_dirty", "_info", "_pending", "_sent_seq", "_session_id", "renewed")
+    __slots__ = (
+        "_answer",
+        "_broker",
+        "_dirty",
+        "_expiry_set",
+        "_info",
+        "_pending",
+        "_sent_seq",
+        "_session_id",
+        "renewed",
+    )
 
     def __init__(self, broker: Broker, session_id: str) -> None:
         self._broker = broker
@@ -162,6 +175,7 @@ class Publisher:
         self._sent_seq = 0
         self._dirty = False
         self.renewed = 0.0
+        self._expiry_set = -math.inf
 
     # Called by the conversation; none of these waits.
 
@@ -222,7 +236,9 @@ class Publisher:
         key = ls.events_key(sid)
         for entry in out:
             pipe.xadd(key, entry, maxlen=ls.STREAM_MAXLEN, approximate=True)
-        if out:
+        if out and now - self._expiry_set > _EXPIRY_EVERY_S:
+            # The stream's expiry is minutes away: pushing it back once in a while is enough.
+            self._expiry_set = now
             pipe.pexpire(key, ls.STREAM_TTL_MS)
         member = None if answer is None else ls.answer_member(sid, answer.response_id)
         if ending and member is not None:
