@@ -223,13 +223,17 @@ async def test_a_reconnect_to_another_server_rebuilds_the_same_context(
         assert ready["resumed"] is True
         await turn(again, "And what did I tell you first?")
         there = chat_requests(fake_llm)[-1]
-    # Built from the last context summary and the messages after it, it is what the first server would have sent.
-    assert there == [
-        *here,
+    # Built from the last context summary and the messages after it, it is what the first server would have sent:
+    # the same summary, the same messages, the new turn. (When the worker fell behind, the first server left out
+    # a few of the oldest messages after the summary to stay in budget; the second, with room, may keep them.)
+    assert there[0] == here[0] and "Zanzibar Quill" in there[0]["content"]
+    assert there[-2:] == [
         {"role": "assistant", "content": done["text"]},
         {"role": "user", "content": "And what did I tell you first?"},
     ]
-    assert "Zanzibar Quill" in there[0]["content"]
+    after_summary = there[1:-2]
+    assert after_summary[len(after_summary) - len(here) + 1 :] == here[1:]
+    assert fake.prompt_tokens(there) <= budget
 
 
 @pytest.mark.parametrize("usage", [True, False], ids=["usage", "no-usage"])
