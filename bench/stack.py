@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +33,36 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def proc_cpu_s(pid: int) -> float:
+def family(pid: int) -> list[int]:
+    """`pid` and its descendants (a gunicorn manager and its worker processes); one that has just exited is left out."""
+    pids = [pid]
+    for p in pids:  # grows as children are found
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
+def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proc_rss_kib(pid: int) -> int:
+def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) of `pid` and its descendants: with WEB_CONCURRENCY > 1, the server's workers."""
+    return sum(_cpu_s(p) for p in family(pid))
+
+
+def proc_rss_kib(pid: int) -> int:
+    """Resident memory of `pid` and its descendants, summed."""
+    return sum(_rss_kib(p) for p in family(pid))
 
 
 async def wait_http(url: str, within_s: float = 30) -> None:
@@ -82,10 +103,18 @@ class Stack:
             return orjson.loads(await resp.read())  # type: ignore[no-any-return]
 
 
-async def start_upstream(port: int) -> asyncio.subprocess.Process:
-    """bench/upstream.py in a process of its own, listening on `port`; returns once it answers."""
+async def start_upstream(port: int, *, prefix: Sequence[str] = ()) -> asyncio.subprocess.Process:
+    """bench/upstream.py in a process of its own, listening on `port`; returns once it answers. `prefix` goes before
+    the command (e.g. `taskset -c 1`)."""
     upstream = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.upstream", "--port", str(port), cwd=REPO, stderr=asyncio.subprocess.DEVNULL
+        *prefix,
+        sys.executable,
+        "-m",
+        "bench.upstream",
+        "--port",
+        str(port),
+        cwd=REPO,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         await wait_http(f"http://127.0.0.1:{port}/timings")
@@ -96,16 +125,17 @@ async def start_upstream(port: int) -> asyncio.subprocess.Process:
     return upstream
 
 
-async def start_stack(database_url: str, redis_url: str, **extra_env: str) -> Stack:
-    up_port, server_port = free_port(), free_port()
-    upstream = await start_upstream(up_port)
+async def start_server(
+    database_url: str, redis_url: str, upstream_url: str, port: int, *, prefix: Sequence[str] = (), **extra_env: str
+) -> asyncio.subprocess.Process:
+    """`python -m server` on `port` against the upstream at `upstream_url`; returns once it answers /healthz."""
     env = {
         "PATH": os.environ["PATH"],
         "PYTHONPATH": str(REPO),
-        "PORT": str(server_port),
+        "PORT": str(port),
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+        "OPENAI_BASE_URL": f"{upstream_url}/v1",
         "OPENAI_MODEL": "bench",
         "LOG_LEVEL": "WARNING",
         "MESSAGES_PER_MINUTE": "100000",
@@ -114,16 +144,27 @@ async def start_stack(database_url: str, redis_url: str, **extra_env: str) -> St
         "SUMMARY_DELAY_S": "0",
         **extra_env,
     }
-    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "server", env=env, cwd=REPO)
-    stack = Stack(
-        server, upstream, f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{up_port}", database_url, redis_url
-    )
+    server = await asyncio.create_subprocess_exec(*prefix, sys.executable, "-m", "server", env=env, cwd=REPO)
     try:
-        await wait_http(f"{stack.server_url}/healthz")
+        await wait_http(f"http://127.0.0.1:{port}/healthz")
     except BaseException:
-        await stop_stack(stack)
+        server.terminate()
+        await server.wait()
         raise
-    return stack
+    return server
+
+
+async def start_stack(database_url: str, redis_url: str, **extra_env: str) -> Stack:
+    up_port, server_port = free_port(), free_port()
+    upstream = await start_upstream(up_port)
+    upstream_url = f"http://127.0.0.1:{up_port}"
+    try:
+        server = await start_server(database_url, redis_url, upstream_url, server_port, **extra_env)
+    except BaseException:
+        upstream.terminate()
+        await upstream.wait()
+        raise
+    return Stack(server, upstream, f"http://127.0.0.1:{server_port}", upstream_url, database_url, redis_url)
 
 
 async def stop_stack(stack: Stack) -> None:
