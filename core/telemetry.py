@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -88,7 +88,6 @@ def inject(ctx: Context | None = None) -> dict[str, str] | None:
     return carrier or None
 
 
-@contextmanager
 def span(
     name: str,
     *,
@@ -97,12 +96,29 @@ def span(
     carrier: dict[str, str] | None = None,
     links: Sequence[Context | None] = (),
     attributes: dict[str, Any] | None = None,
-) -> Iterator[Span | None]:
+) -> AbstractContextManager[Span | None]:
     """A span, current inside the block, child of `parent` (or of the context in `carrier`, a job's); None when
     tracing is off. An exception leaving the block marks it failed with `error.type`."""
     if tracer is None:
-        yield None
-        return
+        # One shared object: a generator-based context manager would live as long as each WebSocket it wraps.
+        return _NO_SPAN
+    return _span(name, kind=kind, parent=parent, carrier=carrier, links=links, attributes=attributes)
+
+
+_NO_SPAN: AbstractContextManager[None] = nullcontext()
+
+
+@contextmanager
+def _span(
+    name: str,
+    *,
+    kind: str,
+    parent: Context | None,
+    carrier: dict[str, str] | None,
+    links: Sequence[Context | None],
+    attributes: dict[str, Any] | None,
+) -> Iterator[Span | None]:
+    assert tracer is not None
     from opentelemetry import context, trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 

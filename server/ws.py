@@ -238,8 +238,11 @@ async def _serve(
         on_closed()
 
     mode = protocol.WATCH if conn.watch else protocol.WRITE
-    attributes = {"session.id": conn.session.id, "rt.mode": mode, "rt.resumed": resumed}
-    with telemetry.span("websocket session", kind="SERVER", attributes=attributes):
+    with telemetry.span(
+        "websocket session",
+        kind="SERVER",
+        attributes={"session.id": conn.session.id, "rt.mode": mode, "rt.resumed": resumed},
+    ):
         if not conn.watch:
             # The session's writes, turns and jobs from now on belong to this connection's trace.
             conn.session.writer.trace = telemetry.current()
