@@ -263,11 +263,15 @@ async def test_every_request_fits_the_budget_whether_or_not_the_provider_reports
     assert await metric(client, "rt_context_trimmed_total") > 0
     # Each answer's usage is stored: the provider's, or our own count marked as an estimate.
     session_id = f"budget-{usage}-{text.isascii()}"
-    rows = await eventually(
-        lambda: db.fetch(
-            "select metadata from session_events where session_id = $1 and event_type = 'ai_message'", session_id
+
+    async def all_answers() -> list[Any]:
+        rows = await db.fetch(
+            "select metadata from session_events where session_id = $1 and event_type = 'ai_message' order by id",
+            session_id,
         )
-    )
+        return rows if len(rows) == len(requests) else []
+
+    rows = await eventually(all_answers)
     meta = orjson.loads(rows[-1]["metadata"])
     if usage:
         assert meta["prompt_tokens"] == fake.prompt_tokens(requests[len(rows) - 1]) and "tokens_estimated" not in meta
