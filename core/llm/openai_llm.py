@@ -45,7 +45,8 @@ class OpenAILLM(LLM):
     def __init__(self, settings: Settings) -> None:
         self.model = settings.openai_model
         self._settings = settings
-        client = openai.AsyncOpenAI(
+        # Read for its URL and headers only: it is kept so that `close` also closes the HTTP client it made.
+        self._sdk = client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key or PLACEHOLDER_API_KEY,
             # Explicit, so the client never falls back to reading OPENAI_BASE_URL itself.
             base_url=settings.openai_base_url or DEFAULT_BASE_URL,
@@ -67,7 +68,6 @@ class OpenAILLM(LLM):
                 connector=aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=30.0),
                 # Our deadlines (first token, token gap) bound the rest; only connecting has its own.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.llm_connect_timeout_s),
-                json_serialize=lambda v: orjson.dumps(v).decode(),
             )
         return self._http
 
@@ -104,6 +104,7 @@ class OpenAILLM(LLM):
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+        await self._sdk.close()
 
     def _retry_wait(self, error: LLMError, retries: int) -> float:
         cap = self._settings.llm_retry_after_cap_s
