@@ -1,9 +1,10 @@
 """The OpenAI-compatible chat model: raw SSE streaming, our own timeouts and retries, provider errors mapped to ours.
 
 The streamed request is built once per process and only its body changes: the URL, the authentication and the
-headers come from the `openai` client (so they are what the SDK sends), and the request goes out on an aiohttp
-session of our own. The client's per-request path (options model, deep copies, header objects, the httpx2 layer
-over aiohttp) cost about 0.7 ms per request and 20 µs per streamed read (bench/RESULTS.md, issue 19).
+headers come from the `openai` client (so they are what the SDK sends), and the request goes out on kept-alive
+connections of our own (`http1`), written with no await when a connection is free. The client's per-request path
+(options model, deep copies, header objects, the httpx2 layer over aiohttp) cost about 0.7 ms per request and 20 µs
+per streamed read (bench/RESULTS.md, issue 19).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing, suppress
 from typing import Any
 
-import aiohttp
 import openai
 import orjson
 from yarl import URL
@@ -25,6 +25,7 @@ from ..settings import Settings
 from .base import LLM, ChatMessage, StreamStats
 from .deadline import Deadline, Expired
 from .failures import status_error
+from .http1 import Exchange, HTTPFailure, Pool
 from .sse import SSEDecoder
 
 log = logging.getLogger(__name__)
@@ -57,17 +58,18 @@ class OpenAILLM(LLM):
         # Unset optional headers (organisation, project) are placeholders, not values.
         self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
         self._headers["Accept"] = "text/event-stream"
-        # One upstream connection per answer streaming now, up to as many as this process takes sockets: a smaller
-        # pool would queue answers behind others. Created on first use, inside the running loop.
+        # One upstream connection per answer streaming now (never queued behind others); as many are kept idle for
+        # reuse as this process takes sockets. Created on first use, inside the running loop.
         self._pool_size = max(settings.max_connections, 100)
-        self._http: aiohttp.ClientSession | None = None
+        self._http: Pool | None = None
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=30.0),
-                # Our deadlines (first token, token gap) bound the rest; only connecting has its own.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.llm_connect_timeout_s),
+    def _pool(self) -> Pool:
+        if self._http is None:
+            self._http = Pool(
+                self._url,
+                self._headers,
+                connect_timeout_s=self._settings.llm_connect_timeout_s,
+                max_idle=self._pool_size,
             )
         return self._http
 
@@ -103,7 +105,8 @@ class OpenAILLM(LLM):
 
     async def close(self) -> None:
         if self._http is not None:
-            await self._http.close()
+            self._http.close()
+            self._http = None
         await self._sdk.close()
 
     def _retry_wait(self, error: LLMError, retries: int) -> float:
@@ -133,29 +136,29 @@ class OpenAILLM(LLM):
         }
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
+        exchange = self._pool().post(orjson.dumps(body))
+        deadline = Deadline(exchange)
         try:
-            async with asyncio.timeout_at(first_deadline):
-                response = await self._session().post(self._url, data=orjson.dumps(body), headers=self._headers)
-                if response.status >= 400:
-                    raise await self._status_error(response)
-        except TimeoutError as e:
-            raise _first_token_timeout(s) from e
-        except aiohttp.ClientError as e:
-            raise LLMUnavailable("could not reach the model provider", retryable=True) from e
-        content = response.content
-        deadline = Deadline(content)
-        try:
+            deadline.reading(first_deadline)
+            try:
+                await exchange.start()
+                if exchange.status >= 400:
+                    raise await self._status_error(exchange)
+            except Expired as e:
+                raise _first_token_timeout(s) from e
+            except HTTPFailure as e:
+                raise LLMUnavailable("could not reach the model provider", retryable=True) from e
             while not decoder.done:
                 deadline.reading(loop.time() + gap_s if got_text else first_deadline)
                 try:
-                    data = await content.readany()
+                    data = await exchange.read()
                 except Expired as e:
                     if got_text:
                         raise LLMUnavailable(
                             f"the model stopped answering for {gap_s:g} s (token gap timeout)", retryable=True
                         ) from e
                     raise _first_token_timeout(s) from e
-                except aiohttp.ClientError as e:
+                except HTTPFailure as e:
                     raise LLMUnavailable("the connection to the model provider broke", retryable=True) from e
                 deadline.read()
                 text = decoder.feed(data, stats) if data else decoder.end(stats)
@@ -167,34 +170,35 @@ class OpenAILLM(LLM):
                 if not data:
                     break
             if decoder.done:
-                with suppress(TimeoutError, aiohttp.ClientError):
+                with suppress(TimeoutError, HTTPFailure):
                     async with asyncio.timeout(_DRAIN_S):
-                        while await content.readany():
+                        while await exchange.read():
                             pass
         finally:
             deadline.cancel()
             # Read to its end, the connection goes back to the pool; otherwise closing it stops the provider.
-            if content.at_eof() and not deadline.expired:
-                response.release()
+            if exchange.eof and not deadline.expired:
+                exchange.release()
             else:
-                response.close()
+                exchange.close()
         if not decoder.done and stats.finish_reason is None:
             raise LLMUnavailable("the model's answer ended before it was complete", retryable=True)
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> LLMError:
+    async def _status_error(self, exchange: Exchange) -> LLMError:
         """The provider refused the request: its status, headers and error body, as ours."""
-        try:
-            raw = await response.content.read(_ERROR_BODY_MAX)
-        except aiohttp.ClientError:
-            raw = b""
-        finally:
-            response.close()
+        parts: list[bytes] = []
+        size = 0
+        with suppress(HTTPFailure):
+            while size < _ERROR_BODY_MAX and (data := await exchange.read()):
+                parts.append(data)
+                size += len(data)
+        raw = b"".join(parts)[:_ERROR_BODY_MAX]
         body: object
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = raw.decode(errors="replace")
-        return status_error(response.status, response.headers, body, self._settings.openai_api_key)
+        return status_error(exchange.status, exchange.headers, body, self._settings.openai_api_key)
 
 
 def _first_token_timeout(s: Settings) -> LLMUnavailable:
