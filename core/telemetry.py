@@ -96,13 +96,17 @@ def span(
     carrier: dict[str, str] | None = None,
     links: Sequence[Context | None] = (),
     attributes: dict[str, Any] | None = None,
+    start_time: int | None = None,
 ) -> AbstractContextManager[Span | None]:
     """A span, current inside the block, child of `parent` (or of the context in `carrier`, a job's); None when
-    tracing is off. An exception leaving the block marks it failed with `error.type`."""
+    tracing is off. An exception leaving the block marks it failed with `error.type`. `start_time` (epoch ns): when
+    the work began, if before the block."""
     if tracer is None:
         # One shared object: a generator-based context manager would live as long as each WebSocket it wraps.
         return _NO_SPAN
-    return _span(name, kind=kind, parent=parent, carrier=carrier, links=links, attributes=attributes)
+    return _span(
+        name, kind=kind, parent=parent, carrier=carrier, links=links, attributes=attributes, start_time=start_time
+    )
 
 
 _NO_SPAN: AbstractContextManager[None] = nullcontext()
@@ -117,6 +121,7 @@ def _span(
     carrier: dict[str, str] | None,
     links: Sequence[Context | None],
     attributes: dict[str, Any] | None,
+    start_time: int | None,
 ) -> Iterator[Span | None]:
     assert tracer is not None
     from opentelemetry import context, trace
@@ -135,6 +140,7 @@ def _span(
         kind=getattr(trace.SpanKind, kind),
         attributes=attributes,
         links=span_links,
+        start_time=start_time,
         record_exception=False,
     ) as current_span:
         try:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..settings import Settings
-from .base import LLM, ChatMessage, StreamStats
+from .base import LLM, ChatMessage, PieceStream, StreamStats
 from .offline import OfflineLLM
 from .openai_llm import OpenAILLM
 
-__all__ = ["LLM", "ChatMessage", "OfflineLLM", "OpenAILLM", "StreamStats", "make_llm"]
+__all__ = ["LLM", "ChatMessage", "OfflineLLM", "OpenAILLM", "PieceStream", "StreamStats", "make_llm"]
 
 
 def make_llm(settings: Settings) -> LLM:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict
@@ -30,22 +30,33 @@ class StreamStats:
     response_model: str | None = None
 
 
+class PieceStream(Protocol):
+    """What `LLM.stream` returns: the answer's pieces, and `aclose` to stop the request (also one never read)."""
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    def __anext__(self) -> Awaitable[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
 class LLM(Protocol):
     """A chat model that streams its answer.
 
-    `stream` is an async generator of non-empty pieces of text, at most `max_tokens` tokens of them when given (else
-    the implementation's default). It raises `LLMError` subclasses only; closing or cancelling it closes the upstream
-    request at once, so the provider stops generating (and billing).
+    `stream` returns an async iterator of non-empty pieces of text, at most `max_tokens` tokens of them when given
+    (else the implementation's default). It may send the request at the call, before the first read. It raises
+    `LLMError` subclasses only; closing or cancelling it closes the upstream request at once, so the provider stops
+    generating (and billing).
 
     Implementations subclass this protocol to inherit `complete`, written once here on top of `stream`.
     """
 
     model: str
 
-    # An AsyncGenerator rather than an AsyncIterator so callers can `aclosing()` it.
+    # Closable, so callers can `aclosing()` it: an async generator is one.
     def stream(
         self, messages: Sequence[ChatMessage], stats: StreamStats, *, max_tokens: int | None = None
-    ) -> AsyncGenerator[str, None]: ...
+    ) -> PieceStream: ...
 
     async def complete(
         self, messages: Sequence[ChatMessage], *, max_tokens: int | None = None, stats: StreamStats | None = None

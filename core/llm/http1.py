@@ -63,11 +63,13 @@ class Pool:
 
     def post(self, body: bytes) -> Exchange:
         """Start the request: written now when an idle connection is at hand, else once one is connected. The
-        response's status and headers come with `Exchange.start`."""
-        if self._closed:
-            raise HTTPFailure("the client is closed")
+        response's status and headers come with `Exchange.start`, and so does any failure."""
         request = b"%s%d\r\n\r\n%s" % (self._head, len(body), body)
         exchange = Exchange(self, request)
+        if self._closed:
+            # Never raises: the failure comes with `start`, as a connection's would.
+            exchange.fail(HTTPFailure("the client is closed"))
+            return exchange
         loop = asyncio.get_running_loop()
         now = loop.time()
         while self._idle:
@@ -156,12 +158,15 @@ class Exchange:
         "eof",
         "headers",
         "request",
+        "sent_at",
         "status",
     )
 
     def __init__(self, pool: Pool, request: bytes) -> None:
         self._pool = pool
         self.request = request
+        # Loop time of the request's start, which the first-token deadline counts from.
+        self.sent_at = asyncio.get_running_loop().time()
         self._conn: _Connection | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.status = 0

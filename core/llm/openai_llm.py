@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from contextlib import aclosing, suppress
 from typing import Any
 
@@ -22,7 +22,7 @@ from yarl import URL
 from ..backoff import backoff_delay
 from ..errors import LLMError, LLMUnavailable
 from ..settings import Settings
-from .base import LLM, ChatMessage, StreamStats
+from .base import LLM, ChatMessage, PieceStream, StreamStats
 from .deadline import Deadline, Expired
 from .failures import status_error
 from .http1 import Exchange, HTTPFailure, Pool
@@ -73,18 +73,39 @@ class OpenAILLM(LLM):
             )
         return self._http
 
-    async def stream(
+    def stream(
         self, messages: Sequence[ChatMessage], stats: StreamStats, *, max_tokens: int | None = None
+    ) -> PieceStream:
+        """The answer in pieces, the request sent now (see `_Sent`); failures before the first piece are retried
+        within the budget."""
+        limit = max_tokens if max_tokens is not None else self._settings.openai_max_tokens
+        first = self._post(messages, limit)
+        return _Sent(self._retrying(messages, limit, stats, first), first)
+
+    def _post(self, messages: Sequence[ChatMessage], max_tokens: int | None) -> Exchange:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        return self._pool().post(orjson.dumps(body))
+
+    async def _retrying(
+        self, messages: Sequence[ChatMessage], limit: int | None, stats: StreamStats, first: Exchange
     ) -> AsyncGenerator[str, None]:
-        """Yield the answer in pieces; retry failures that happen before the first piece, within the budget."""
         s = self._settings
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        limit = max_tokens if max_tokens is not None else s.openai_max_tokens
+        started = first.sent_at
+        exchange: Exchange | None = first
         while True:
             produced = False
             try:
-                async with aclosing(self._attempt(messages, limit, stats)) as pieces:
+                if exchange is None:
+                    exchange = self._post(messages, limit)
+                async with aclosing(self._attempt(exchange, stats)) as pieces:
                     async for piece in pieces:
                         if not produced:
                             produced = True
@@ -99,6 +120,7 @@ class OpenAILLM(LLM):
                 if loop.time() - started + wait > s.llm_retry_budget_s:
                     raise
                 stats.retries += 1
+                exchange = None
                 fields = {"model": self.model, "retry": stats.retries, "wait_s": round(wait, 3), "error": str(e)}
                 log.info("llm request retried", extra={"fields": fields})
                 await asyncio.sleep(wait)
@@ -115,28 +137,17 @@ class OpenAILLM(LLM):
             return min(error.retry_after, cap)
         return backoff_delay(retries, base=_BACKOFF_FIRST_S, cap=cap)
 
-    async def _attempt(
-        self, messages: Sequence[ChatMessage], max_tokens: int | None, stats: StreamStats
-    ) -> AsyncGenerator[str, None]:
-        """One upstream request. The deadlines run only while a read is pending, never across a `yield`: the
+    async def _attempt(self, exchange: Exchange, stats: StreamStats) -> AsyncGenerator[str, None]:
+        """One upstream request, sent. The deadlines run only while a read is pending, never across a `yield`: the
         consumer's own time (a slow socket) is not the provider's."""
         s = self._settings
         loop = asyncio.get_running_loop()
-        first_deadline = loop.time() + s.llm_first_token_timeout_s
+        first_deadline = exchange.sent_at + s.llm_first_token_timeout_s
         gap_s = s.llm_token_gap_timeout_s
         decoder = SSEDecoder()
         got_text = False
         # A failed earlier attempt's finish_reason must not vouch for this one.
         stats.finish_reason = None
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        exchange = self._pool().post(orjson.dumps(body))
         deadline = Deadline(exchange)
         try:
             deadline.reading(first_deadline)
@@ -199,6 +210,27 @@ class OpenAILLM(LLM):
         except orjson.JSONDecodeError:
             body = raw.decode(errors="replace")
         return status_error(exchange.status, exchange.headers, body, self._settings.openai_api_key)
+
+
+class _Sent:
+    """The answer's pieces with its first request already sent. Closing it closes that request even when it was
+    never read (an async generator that never started runs no `finally`)."""
+
+    __slots__ = ("_first", "_pieces")
+
+    def __init__(self, pieces: AsyncGenerator[str, None], first: Exchange) -> None:
+        self._pieces = pieces
+        self._first = first
+
+    def __aiter__(self) -> _Sent:
+        return self
+
+    def __anext__(self) -> Awaitable[str]:
+        return self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        self._first.close()
+        await self._pieces.aclose()
 
 
 def _first_token_timeout(s: Settings) -> LLMUnavailable:

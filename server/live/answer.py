@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core.errors import LLMError, ProtocolError
-from core.llm import LLM, ChatMessage, StreamStats
+from core.llm import PieceStream, StreamStats
 from core.llm.tokens import estimate
 
 from .. import protocol
@@ -56,22 +55,22 @@ class Publisher(Protocol):
 
 
 async def stream(
-    llm: LLM,
-    messages: Sequence[ChatMessage],
+    pieces: PieceStream,
     answer: Answer,
     audience: Audience,
     publisher: Publisher | None,
     *,
     max_chars: int,
 ) -> None:
-    """Relay the model's pieces as `response.delta` frames; an answer longer than `max_chars` is cut there.
+    """Relay the model's pieces (its request already sent) as `response.delta` frames; an answer longer than
+    `max_chars` is cut there.
 
     The hot path: per piece one append, one frame and one send that normally completes without suspending.
     A delta's `seq` is the number of pieces so far, so a catch-up can say how far it goes.
     """
     delta, rid, parts = protocol.response_delta, answer.response_id, answer.parts
     room = max_chars
-    async with aclosing(llm.stream(messages, answer.stats)) as pieces:
+    async with aclosing(pieces):
         async for piece in pieces:
             room -= len(piece)
             if room < 0:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from core import telemetry
 from core.errors import LLMError, ProtocolError
 from core.flag import Flag
 from core.jobs import ContextSummary, JobQueue
-from core.llm import LLM, StreamStats
+from core.llm import LLM, ChatMessage, PieceStream, StreamStats
 from core.llm.tokens import Counter, estimate
 from core.settings import Settings
 from core.store import AI_MESSAGE, USER_MESSAGE, StoredEvent
@@ -33,6 +35,19 @@ if TYPE_CHECKING:
     from .broker import Broker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Begun:
+    """An answer as `_begin` left it for its task: the request sent (`pieces`), or the error that kept it unsent."""
+
+    answer: Answer
+    context: Context
+    messages: list[ChatMessage] | None = None
+    pieces: PieceStream | None = None
+    error: LLMError | None = None
+    started_ns: int = field(default_factory=time.time_ns)
+
 
 # A compaction asked for and not seen landing within this is asked for again (a lost announcement, a worker that
 # gave up): the worker then publishes the summary it has, or writes a newer one.
@@ -270,19 +285,59 @@ class Conversation:
         self._cancel_asked = False
         if self._waiting and not (self._draining or self._stopping):
             self._quiet.clear()
-            self._task = asyncio.create_task(self._turn(self._waiting.pop(0)), name=f"answer:{self.session_id}")
+            turn = self._waiting.pop(0)
+            # Begun here, with no await: the upstream request leaves before this frame's handler returns (a task's
+            # first step would wait a turn of the loop, about 0.1 ms, on Python 3.11).
+            begun = self._begin(turn)
+            self._task = asyncio.create_task(self._turn(turn, begun), name=f"answer:{self.session_id}")
         else:
             self._task = None
             self.running.local = None
             self._quiet.set()
 
-    async def _turn(self, turn: Turn) -> None:
+    def _begin(self, turn: Turn) -> _Begun:
+        """The answer's start: the message joins the context, `response.started` is queued, and the request is
+        sent (an LLM whose `stream` starts it at the call, as OpenAILLM does)."""
+        begun = _Begun(Answer("resp_" + secrets.token_hex(8)), self.context)
+        answer, context = begun.answer, begun.context
+        self.running.local = (turn, answer)
+        context.add("user", turn.text, stored=turn.stored)
+        if self._publisher is not None:
+            self._publisher.started(answer, turn.client_msg_id)
+        # Queued, not awaited: it goes out right after the upstream request is written; the deltas queue behind it.
+        self.audience.put(protocol.response_started(answer.response_id, turn.client_msg_id))
+        try:
+            begun.messages, dropped = context.request()
+        except LLMError as e:
+            begun.error = e
+            return begun
+        answer.request_tokens = context.tokens
+        if dropped:
+            self._metrics.context_trimmed.inc(dropped)
+        try:
+            begun.pieces = self._llm.stream(begun.messages, answer.stats)
+        except Exception as e:
+            # A model's failures come with its reads; this is a bug, and it must not reach the frame handler.
+            log.error("answer crashed", exc_info=e, extra={"fields": {"session_id": self.session_id}})
+            begun.error = LLMError("the answer failed unexpectedly")
+        return begun
+
+    async def _turn(self, turn: Turn, begun: _Begun) -> None:
         """One answer, in a GenAI `chat` span (a child of the connection's session span) when tracing is on."""
         model = self._llm.model
         with telemetry.span(
-            f"chat {model}", kind="CLIENT", parent=turn.trace, attributes=telemetry.chat_attributes(model)
+            f"chat {model}",
+            kind="CLIENT",
+            parent=turn.trace,
+            attributes=telemetry.chat_attributes(model),
+            start_time=begun.started_ns,
         ) as span:
-            status, error, text = await self._answer(turn)
+            if span is not None and begun.messages:
+                telemetry.chat_request(begun.messages)
+            if self._jobs is not None and begun.messages is not None and begun.context.wants_compaction():
+                # Here, in the chat span, which the worker's compaction joins as a child.
+                self._compact(begun.context)
+            status, error, text = await self._answer(turn, begun)
             if span is not None:
                 span.set_attribute("rt.response.status", status)
             telemetry.chat_finished(
@@ -290,18 +345,9 @@ class Conversation:
             )
         self._next()
 
-    async def _answer(self, turn: Turn) -> tuple[str, LLMError | None, str]:
-        audience = self.audience
-        answer = Answer("resp_" + secrets.token_hex(8))
-        self.running.local = (turn, answer)
-        context = self.context
-        context.add("user", turn.text, stored=turn.stored)
-        if self._publisher is not None:
-            self._publisher.started(answer, turn.client_msg_id)
-        # Queued, not awaited: it goes out once this task next waits, that is right after the upstream request is
-        # written; the deltas queue behind it. The request is what the user waits for.
-        audience.put(protocol.response_started(answer.response_id, turn.client_msg_id))
-        status, error = await self._stream(answer, context)
+    async def _answer(self, turn: Turn, begun: _Begun) -> tuple[str, LLMError | None, str]:
+        audience, answer, context = self.audience, begun.answer, begun.context
+        status, error = await self._stream(begun)
         self.running.local = None
         text = self._settings.fallback_text if error is not None else answer.text
         stats = answer.stats
@@ -330,28 +376,18 @@ class Conversation:
         self.last_stats = stats
         return status, error, text
 
-    async def _stream(self, answer: Answer, context: Context) -> tuple[str, LLMError | None]:
+    async def _stream(self, begun: _Begun) -> tuple[str, LLMError | None]:
+        pieces = begun.pieces
+        if pieces is None:
+            return protocol.FAILED, begun.error
         if self._cancel_asked:
+            # Cancelled between the request's start and this task's first step: the request is closed unread.
+            await pieces.aclose()
             return protocol.CANCELLED, None
-        try:
-            messages, dropped = context.request()
-        except LLMError as e:
-            return protocol.FAILED, e
-        answer.request_tokens = context.tokens
-        telemetry.chat_request(messages)
-        if dropped:
-            self._metrics.context_trimmed.inc(dropped)
-        if self._jobs is not None and context.wants_compaction():
-            self._compact(context)
         self._streaming = True
         try:
             await answers.stream(
-                self._llm,
-                messages,
-                answer,
-                self.audience,
-                self._publisher,
-                max_chars=self._settings.max_answer_chars,
+                pieces, begun.answer, self.audience, self._publisher, max_chars=self._settings.max_answer_chars
             )
         except asyncio.CancelledError:
             task = asyncio.current_task()
