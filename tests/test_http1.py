@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -214,3 +215,43 @@ async def test_a_consumer_that_does_not_read_pauses_the_socket_and_loses_nothing
         total += len(data)
     assert total == len(piece) * 64
     exchange.release()
+
+
+async def test_https_is_spoken_and_the_certificate_checked(tmp_path):
+    # A self-signed certificate for 127.0.0.1, made for the test; the client trusts it and nothing else.
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await proc.wait() == 0
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nsecure\r\n0\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    url = URL(f"https://127.0.0.1:{port}/v1/chat/completions")
+    trusting = Pool(url, {}, connect_timeout_s=2, ssl_context=ssl.create_default_context(cafile=str(cert)))
+    untrusting = Pool(url, {}, connect_timeout_s=2)
+    try:
+        assert (await _body(trusting))[:2] == (200, b"secure")
+        exchange = untrusting.post(b"{}")
+        with pytest.raises(HTTPFailure, match="certificate verify failed"):
+            await exchange.start()
+    finally:
+        trusting.close()
+        untrusting.close()
+        server.close()
+        await server.wait_closed()
