@@ -110,6 +110,15 @@ async def exported(otlp: OTLPReceiver, name: str) -> list[Span]:
     return otlp.named(name, "realtime-ai-worker")
 
 
+async def stored_turn(ws: Any, text: str) -> None:
+    done = await turn(ws, text)
+    async with asyncio.timeout(10):
+        while (event := await receive(ws)).get("response_id") != done["response_id"] or event[
+            "type"
+        ] != "message.stored":
+            pass
+
+
 def _otel_env(otlp: OTLPReceiver) -> dict[str, str]:
     return {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
 
@@ -124,9 +133,11 @@ async def test_a_conversation_is_one_trace_across_the_server_and_the_worker(
     async with worker_process(settings, tmp_path / "worker.log", **env):
         ws = await client.ws_connect("/ws/session/traced")
         await receive(ws)
-        await turn(ws, FACT)
+        # Each answer stored before the next message: a compaction covers only stored messages, and a store that
+        # lags (just restarted by an earlier test) would otherwise leave none to cover within the 16 turns.
+        await stored_turn(ws, FACT)
         for i in range(2, 16):
-            await turn(ws, question(i))
+            await stored_turn(ws, question(i))
         # One that fails: the provider is out of quota.
         fake_llm.script(fake.rate_limited(quota=True))
         failed = await turn(ws, "and one more")
