@@ -78,13 +78,15 @@ class Connection:
         on_closed: Callable[[], None],
         history_through: int = 0,
         resume: tuple[str, int] | None = None,
-    ) -> None:
+    ) -> web.WebSocketResponse:
         """Send `session.ready`, join the answer running now (if any), serve frames until the socket closes, then
         wind the connection down.
 
         `ready` names the running answer as it is at this instant: the catch-up and the membership in the
         audience follow with no await in between. The wind-down is shielded: even when the handler is cancelled
         (aiohttp may, when the peer vanishes) the `disconnected` event is stored, then `on_closed` runs.
+        Returns the socket, for the route to return to aiohttp. The frames are read here, not in a coroutine of
+        their own: one frame fewer kept for the life of each socket.
         """
         conversation = self.session.conversation
         self.outbox.put(ready)
@@ -95,10 +97,26 @@ class Connection:
         else:
             conversation.record(CONNECTED, None)
             conversation.audience.set_writer(self.outbox)
+        ws = self._ws
+        loop = asyncio.get_running_loop()
         try:
-            await self._read_frames()
+            if self._settings.idle_timeout_s:
+                self._watchdog = loop.call_later(self._settings.idle_timeout_s, self._check_idle)
+            while True:
+                msg = await ws.receive()
+                self._last_frame = loop.time()
+                if msg.type is WSMsgType.TEXT:
+                    self._on_text(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    self._reject(ProtocolError(protocol.UNSUPPORTED_FRAME, "binary frames are not supported"))
+                else:
+                    # CLOSE, CLOSING, CLOSED or ERROR (a frame over the size limit closes with 1009 in aiohttp).
+                    break
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             await asyncio.shield(self._wind_down(on_closed))
+        return ws
 
     async def replace(self, *, stop_answer: bool) -> None:
         """A newer writing connection takes the session over: close with 4000 and return once this connection let
@@ -167,26 +185,6 @@ class Connection:
         log.info("disconnected", extra={"fields": fields})
 
     # Reading.
-
-    async def _read_frames(self) -> None:
-        ws = self._ws
-        loop = asyncio.get_running_loop()
-        if self._settings.idle_timeout_s:
-            self._watchdog = loop.call_later(self._settings.idle_timeout_s, self._check_idle)
-        try:
-            while True:
-                msg = await ws.receive()
-                self._last_frame = loop.time()
-                if msg.type is WSMsgType.TEXT:
-                    self._on_text(msg.data)
-                elif msg.type is WSMsgType.BINARY:
-                    self._reject(ProtocolError(protocol.UNSUPPORTED_FRAME, "binary frames are not supported"))
-                else:
-                    # CLOSE, CLOSING, CLOSED or ERROR (a frame over the size limit closes with 1009 in aiohttp).
-                    return
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
 
     def _check_idle(self) -> None:
         """No frame from the client for IDLE_TIMEOUT_S while nothing was being answered: end the session (4001)."""
