@@ -35,6 +35,29 @@ class Connection:
     """Owns one socket for the life of the connection. Only `run` reads the socket; anything sends through
     `outbox`, which never lets one stuck peer hold up anyone else."""
 
+    # Slots, and no set until a write waits to be acknowledged: bytes held by every idle socket.
+    __slots__ = (
+        "__weakref__",
+        "_close_sent",
+        "_closed",
+        "_closing",
+        "_last_frame",
+        "_limiter",
+        "_messages",
+        "_metrics",
+        "_settings",
+        "_started",
+        "_tasks",
+        "_unacked",
+        "_user_id",
+        "_user_rate",
+        "_watchdog",
+        "_ws",
+        "outbox",
+        "session",
+        "watch",
+    )
+
     def __init__(
         self,
         session: Session,
@@ -63,7 +86,7 @@ class Connection:
         self._closing = False
         self._messages = 0
         # Writes of this connection's messages not yet acknowledged: acknowledged before any close we send.
-        self._unacked: set[asyncio.Future[int]] = set()
+        self._unacked: set[asyncio.Future[int]] | None = None
         self._started = time.monotonic()
         self._last_frame = asyncio.get_running_loop().time()
         self._watchdog: asyncio.TimerHandle | None = None
@@ -144,7 +167,7 @@ class Connection:
         away does not hold the close; the client then resends, idempotently by client_msg_id)."""
         self._closing = True
         wait_s = self._settings.send_timeout_s if ack_wait_s is None else ack_wait_s
-        if self._unacked and wait_s > 0:
+        if self._unacked and wait_s > 0:  # (None until a write waits)
             await asyncio.wait(set(self._unacked), timeout=wait_s)
             await asyncio.sleep(0)  # The acknowledgements the commits scheduled.
         # Recorded: after the handshake aiohttp reports the client's reply (usually 1000), not our reason.
@@ -245,10 +268,15 @@ class Connection:
         if isinstance(stored, int):
             self.outbox.put(protocol.user_message_stored(stored, cmid, text))
             return
-        self._unacked.add(stored)
+        if self._unacked is None:
+            self._unacked = set()
+        unacked = self._unacked
+        unacked.add(stored)
 
         def done(f: asyncio.Future[int]) -> None:
-            self._unacked.discard(f)
+            unacked.discard(f)
+            if not unacked and self._unacked is unacked:
+                self._unacked = None  # Nothing waits: the set goes until a write waits again.
             if succeeded(f):
                 self.outbox.put(protocol.user_message_stored(f.result(), cmid, text))
 
