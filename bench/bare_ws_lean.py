@@ -1,6 +1,7 @@
 """bench/bare_ws.py with per-socket memory tricks, chosen by LEAN (comma-separated): parser (drop the request
 handler's HTTP parser after the upgrade), messages (its empty request deque), headers (the sent response headers),
-reqheaders (empty the parsed request's header dict), noaccesslog (AppRunner(access_log=None)), freeze (gc.freeze()
+reqheaders (empty the parsed request's header dict), query (the cached query), dropmsg (measurement only:
+the parsed request message, through a frame-locals write), noaccesslog (AppRunner(access_log=None)), freeze (gc.freeze()
 once ready), bufsize (read_bufsize=2**12), msgsize (max_msg_size=64 KiB). `LEAN=... python -m bench.bare_ws_lean
 --port P`."""
 
@@ -13,7 +14,7 @@ import os
 import resource
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 LEAN = set(filter(None, os.environ.get("LEAN", "").split(",")))
 
@@ -27,6 +28,18 @@ def lean_after_upgrade(request: web.Request, ws: web.WebSocketResponse) -> None:
         proto._messages = ()
     if "headers" in LEAN:
         ws._headers = CIMultiDict()
+    if "query" in LEAN:
+        request._cache.pop("query", None)
+    if "dropmsg" in LEAN:
+        # Measurement only (not safe to ship): the parsed request message, from the request and from the
+        # request handler's `start` frame (a frame-locals write through the C API).
+        import ctypes
+
+        request._message = None
+        request._headers = CIMultiDictProxy(CIMultiDict())
+        frame = proto._task_handler.get_coro().cr_frame
+        frame.f_locals["message"] = None
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
     if "reqheaders" in LEAN:
         for o in gc.get_referents(request.headers):
             if isinstance(o, CIMultiDict):
