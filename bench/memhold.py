@@ -41,6 +41,7 @@ async def main() -> None:
     ap.add_argument("--trace", type=int, default=0, help="tracemalloc frames (0: off)")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--warm", type=int, default=200)
+    ap.add_argument("--settle", type=float, default=2, help="seconds idle before the second measure")
     ap.add_argument("--dir", default="/tmp/mem/run")
     ap.add_argument("--env", action="append", default=[])
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -66,7 +67,7 @@ async def main() -> None:
         rss0 = proc_rss_kib(proc.pid)
         c1, o1 = await open_clients(url, 10_000_000, a.n)
         clients += c1
-        await asyncio.sleep(2)
+        await asyncio.sleep(a.settle)
         await snap(proc.pid, d, 1)
         rss1 = proc_rss_kib(proc.pid)
         os.kill(proc.pid, signal.SIGUSR2)

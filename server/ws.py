@@ -30,10 +30,11 @@ from .keys import (
     STORE,
     USER_RATE,
 )
-from .live.admission import SERVER_BUSY
+from .live.admission import SERVER_BUSY, Admission
 from .live.connection import Connection
 from .live.outbox import Outbox
 from .live.session import Session
+from .metrics import Metrics
 from .responses import json_error
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,7 @@ async def _write(
     registry, user_id = app[REGISTRY], None if identity is None else identity.user_id
     session = registry.checkout(session_id)
 
-    def let_go() -> None:
-        registry.checkin(session)
-        app[ADMISSION].leave(user_id)
+    let_go = _Release(registry.checkin, session, app[ADMISSION], user_id)
 
     serving = False
     try:
@@ -169,11 +168,7 @@ async def _watch(
     if session is None:
         app[ADMISSION].leave(user_id)
         return json_error(429, "too_many_watchers", f"this session has {settings.max_watchers} watchers already")
-    watched = session
-
-    def let_go() -> None:
-        registry.unwatch(watched)
-        app[ADMISSION].leave(user_id)
+    let_go = _Release(registry.unwatch, session, app[ADMISSION], user_id)
 
     serving = False
     try:
@@ -238,6 +233,32 @@ def _shed_http_state(request: web.Request, ws: web.WebSocketResponse) -> None:
         cache.pop("query", None)
 
 
+class _Release:
+    """What a connection lets go of: called (`let_go`) when it is refused after the session was taken, else once
+    it closed (`closed`, within its shielded wind-down, after its `disconnected` event is submitted). One slotted
+    object rather than two closures and their cells: ~0.4 KiB less held by every open socket."""
+
+    __slots__ = ("admission", "expiry", "metrics", "release", "session", "user_id")
+
+    def __init__(
+        self, release: Callable[[Session], None], session: Session, admission: Admission, user_id: str | None
+    ) -> None:
+        self.release, self.session, self.admission, self.user_id = release, session, admission, user_id
+        self.expiry: asyncio.TimerHandle | None = None
+        self.metrics: Metrics | None = None
+
+    def __call__(self) -> None:
+        self.release(self.session)
+        self.admission.leave(self.user_id)
+
+    def closed(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        if self.metrics is not None:
+            self.metrics.open_sockets.dec()
+        self()
+
+
 def _serve(
     request: web.Request,
     ws: web.WebSocketResponse,
@@ -248,7 +269,7 @@ def _serve(
     resume: tuple[str, int] | None,
     resumed: bool,
     identity: Identity | None,
-    on_closed: Callable[[], None],
+    on_closed: _Release,
 ) -> Awaitable[web.WebSocketResponse]:
     """Everything but the serving itself, with no await: returns the connection's `run`, which serves the socket
     to its end (within the connection's trace span when tracing is on)."""
@@ -269,20 +290,12 @@ def _serve(
     history.clear()
     app[SOCKETS].add(ws)
     metrics.open_sockets.inc()
-    expiry: asyncio.TimerHandle | None = None
+    on_closed.metrics = metrics
     if identity is not None and identity.expires_at is not None:
         # The token may run out while the socket is open: the session ends with it (1008).
         delay = max(0.0, identity.expires_at - time.time())
-        expiry = asyncio.get_running_loop().call_later(delay, conn.expire)
-
-    def closed() -> None:
-        # Within the connection's shielded wind-down: after its `disconnected` event is submitted.
-        if expiry is not None:
-            expiry.cancel()
-        metrics.open_sockets.dec()
-        on_closed()
-
-    run = conn.run(ready.pop(), on_closed=closed, history_through=max(through, after), resume=resume)
+        on_closed.expiry = asyncio.get_running_loop().call_later(delay, conn.expire)
+    run = conn.run(ready.pop(), on_closed=on_closed.closed, history_through=max(through, after), resume=resume)
     if telemetry.tracer is None:
         # No span to hold open: the connection's `run` is all that is awaited.
         if not conn.watch:
