@@ -215,9 +215,8 @@ def _shed_http_state(request: web.Request, ws: web.WebSocketResponse) -> None:
     The request handler's HTTP parser and its (empty) queue of parsed requests serve only further requests on the
     connection, and an accepted upgrade has none: aiohttp reads them again only when the upgrade was declined
     (`finish_response`, guarded by the WebSocket parser being unset) or, for the parser, to set it to None when
-    the connection is lost. The response headers were sent with the 101; the request's cached query was read
-    before it. Private attributes of aiohttp 3.14 (pinned): each is dropped only if present, so a later aiohttp
-    without them is left as it is."""
+    the connection is lost. The response headers were sent with the 101. Private attributes of aiohttp 3.14
+    (pinned): each is dropped only if present, so a later aiohttp without them is left as it is."""
     protocol = request.protocol
     if getattr(protocol, "_payload_parser", None) is None:
         return  # Not a connection aiohttp reads as a WebSocket: leave it whole.
@@ -227,10 +226,6 @@ def _shed_http_state(request: web.Request, ws: web.WebSocketResponse) -> None:
         protocol._messages = ()  # type: ignore[assignment]
     if hasattr(ws, "_headers"):
         ws._headers = CIMultiDict()
-    # The parsed query (its access_token too), read before the upgrade: parsed again from the URL if asked for.
-    cache = getattr(request, "_cache", None)
-    if isinstance(cache, dict):
-        cache.pop("query", None)
 
 
 class _Release:
