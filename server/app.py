@@ -6,9 +6,10 @@ import asyncio
 import gc
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool
 
@@ -23,7 +24,7 @@ from core.tasks import TaskSet
 from . import api, ws
 from .auth import Authenticator
 from .eventlog import EventLog
-from .hosts import allowed_hosts
+from .hosts import EXEMPT_PATHS, HostPolicy, allowed_hosts
 from .keys import (
     ADMISSION,
     ATTACHER,
@@ -191,10 +192,36 @@ async def tune_gc(app: web.Application) -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def _frameless_host_check(settings: Settings) -> Middleware:
+    """`hosts.allowed_hosts`, as a plain function: an allowed request goes on to the route as a tail call, so the
+    check keeps no coroutine frame for the life of a WebSocket (~300 bytes each); a refused one is answered by
+    `allowed_hosts` itself (the same policy, log line and 403)."""
+    policy, refuse = HostPolicy(settings), allowed_hosts(settings)
+
+    @web.middleware
+    def check_host(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+        if request.path in EXEMPT_PATHS or policy.allows(request.headers.get(hdrs.HOST)):
+            return handler(request)
+        return refuse(request, handler)
+
+    return check_host
+
+
+@web.middleware
+def _json_errors(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """`api.json_errors` for every route but the WebSocket one, which answers its own HTTP errors in JSON the same
+    way (`ws.session_socket`): no middleware frame is kept for the life of its socket."""
+    if request.match_info.handler is ws.session_socket:
+        return handler(request)
+    return api.json_errors(request, handler)
+
+
 def create_app(settings: Settings) -> web.Application:
     # The host check is outermost: a request for another host name reaches nothing, not even a 404.
     app = web.Application(
-        middlewares=[allowed_hosts(settings), api.json_errors], handler_args=handler_args(), client_max_size=64 * 1024
+        middlewares=[_frameless_host_check(settings), _json_errors],
+        handler_args=handler_args(),
+        client_max_size=64 * 1024,
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
