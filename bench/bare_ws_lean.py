@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import resource
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -19,8 +20,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 LEAN = set(filter(None, os.environ.get("LEAN", "").split(",")))
 
 
-def lean_after_upgrade(request: web.Request, ws: web.WebSocketResponse) -> None:
-    proto = request.protocol
+def lean_after_upgrade(req: web.Request, response: web.WebSocketResponse) -> None:
+    # aiohttp's private attributes, as the server's `ws._shed_http_state` reaches them.
+    request: Any = req
+    ws: Any = response
+    proto: Any = request.protocol
     if "parser" in LEAN:
         # Used again only for a declined upgrade or a keep-alive request: neither follows an accepted one.
         proto._parser = None
@@ -47,7 +51,7 @@ def lean_after_upgrade(request: web.Request, ws: web.WebSocketResponse) -> None:
 
 
 async def handler(request: web.Request) -> web.WebSocketResponse:
-    kw = {"max_msg_size": 64 * 1024} if "msgsize" in LEAN else {}
+    kw: dict[str, Any] = {"max_msg_size": 64 * 1024} if "msgsize" in LEAN else {}
     ws = web.WebSocketResponse(heartbeat=30, **kw)
     await ws.prepare(request)
     lean_after_upgrade(request, ws)
@@ -68,7 +72,8 @@ async def main(port: int) -> None:
     app = web.Application(handler_args={"read_bufsize": 2**12} if "bufsize" in LEAN else None)
     app.router.add_get("/ws/session/{session_id}", handler)
     app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, **({"access_log": None} if "noaccesslog" in LEAN else {}))
+    runner_kw: dict[str, Any] = {"access_log": None} if "noaccesslog" in LEAN else {}
+    runner = web.AppRunner(app, **runner_kw)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     if "freeze" in LEAN:

@@ -15,7 +15,9 @@ from pathlib import Path
 from .stack import REPO, free_port, proc_rss_kib, wait_http
 
 
-async def open_clients(url: str, first: int, count: int, per: int = 5000) -> list:
+async def open_clients(
+    url: str, first: int, count: int, per: int = 5000
+) -> tuple[list[asyncio.subprocess.Process], int]:
     clients = []
     opened = 0
     for start in range(first, first + count, per):
@@ -25,6 +27,7 @@ async def open_clients(url: str, first: int, count: int, per: int = 5000) -> lis
             sys.executable, "-m", "bench.idle", "--client", url, str(start), str(c), source,
             cwd=REPO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        assert p.stdout is not None
         opened += int((await p.stdout.readline()) or b"0")
         clients.append(p)
     return clients, opened
@@ -75,6 +78,7 @@ async def main() -> None:
             await asyncio.sleep(0.1)
         answered = 0
         for c in clients:
+            assert c.stdin is not None and c.stdout is not None
             c.stdin.write(b"ping\n")
             await c.stdin.drain()
             answered += int((await c.stdout.readline()) or b"0")

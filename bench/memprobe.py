@@ -13,6 +13,7 @@ import runpy
 import signal
 import sys
 import tracemalloc
+from typing import Any
 
 _n = [0]
 
@@ -108,7 +109,7 @@ def _tree(signum: int, frame: object) -> None:
         order += [(f"request.{k}", v) for k, v in _attrs(req)]
     order += [(f"handler.{k}", v) for k, v in _attrs(h)]
     for t in asyncio.all_tasks(asyncio.get_running_loop()):
-        c = t.get_coro()
+        c: Any = t.get_coro()
         fr = getattr(c, "cr_frame", None)
         if fr is not None and any(v is h or v is req for v in fr.f_locals.values()):
             order.append((f"task {c.__qualname__}", t))
