@@ -143,18 +143,27 @@ async def _server_timings(stack: Stack, label: str) -> dict[str, tuple[float, fl
 
 
 async def idle(stack: Stack, *, connections: int) -> dict[str, Any]:
-    """`connections` idle sessions on the server, then as many on a bare aiohttp WebSocket endpoint (the floor)."""
+    """`connections` idle sessions on the server, then as many on two floors: a bare aiohttp WebSocket endpoint
+    (bench/bare_ws.py) and a bare asyncio protocol with no aiohttp in it (bench/raw_ws.py)."""
     count = capacity(connections)
     ours = await hold(stack.server_url, stack.server.pid, count)
-    port = free_port()
-    bare = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.bare_ws", "--port", str(port), cwd=REPO)
-    try:
-        await wait_http(f"http://127.0.0.1:{port}/healthz")
-        floor_ = await hold(f"http://127.0.0.1:{port}", bare.pid, count)
-    finally:
-        bare.terminate()
-        await bare.wait()
-    return {**ours, "asked": connections, "floor_kib_per_connection": floor_["kib_per_connection"]}
+    floors = {}
+    for name, module in (("aiohttp", "bench.bare_ws"), ("raw", "bench.raw_ws")):
+        port = free_port()
+        bare = await asyncio.create_subprocess_exec(sys.executable, "-m", module, "--port", str(port), cwd=REPO)
+        try:
+            await wait_http(f"http://127.0.0.1:{port}/healthz")
+            floors[name] = await hold(f"http://127.0.0.1:{port}", bare.pid, count)
+        finally:
+            bare.terminate()
+            await bare.wait()
+    return {
+        **ours,
+        "asked": connections,
+        "floor_kib_per_connection": floors["aiohttp"]["kib_per_connection"],
+        "raw_kib_per_connection": floors["raw"]["kib_per_connection"],
+        "floors_held": all(f["held"] for f in floors.values()),
+    }
 
 
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
@@ -246,7 +255,9 @@ async def main(argv: list[str]) -> int:
             print(
                 f"\nidle connections: {m['connections']:,} open{limited}, {m['kib_per_connection']:.1f} KiB each,"
                 f" {'all held' if m['held'] else 'NOT all held'} ({m['answered']:,} answered a ping);"
-                f" floor (a bare aiohttp WebSocket endpoint): {m['floor_kib_per_connection']:.1f} KiB each"
+                f" floors: a bare aiohttp WebSocket endpoint {m['floor_kib_per_connection']:.1f} KiB each,"
+                f" a bare asyncio protocol (no aiohttp) {m['raw_kib_per_connection']:.1f} KiB each"
+                + ("" if m["floors_held"] else " (NOT every floor socket answered)")
             )
     return 0
 

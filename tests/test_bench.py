@@ -48,6 +48,7 @@ async def test_the_bench_runs_and_prints_its_table(db, settings):
     assert "added latency" in text
     assert "relay throughput at saturation" in text
     assert "idle connections: 20 open" in text and "all held" in text and "bare aiohttp" in text
+    assert "a bare asyncio protocol (no aiohttp)" in text
     # The naive relay ran beside ours, both relaying every token.
     assert "naive relay (bench/naive.py) against ours" in text and "unpaced" in text
     assert "tokens received" not in text
