@@ -200,6 +200,30 @@ async def test_cancel_midway_stops_the_answer_and_stores_the_partial_text(client
     await ws.close()
 
 
+async def test_a_cancel_right_behind_its_message_stops_the_answer_before_any_text(client, db, fake_llm):
+    # The request leaves while the message frame is handled; a cancel read in the same network read comes before
+    # the answer's task has run at all. Each time: cancelled, stored as such, and the next message answered.
+    # (Every answer is slow: a request closed before the provider read it never takes a scripted one.)
+    fake_llm.token_delay = 0.02
+    for i in range(5):
+        ws, _ = await connect(client, f"quick-cancel-{i}")
+        message = orjson.dumps({"type": "message", "text": "go"}).decode()
+        await asyncio.gather(ws.send_str(message), ws.send_str('{"type":"cancel"}'))
+        events = await receive_until(ws, "response.done")
+        done = events[-1]
+        assert done["status"] == "cancelled"
+        assert done["text"] == "".join(e["delta"] for e in events if e["type"] == "response.delta")
+        answer = await ask(ws, "and now?")
+        assert answer["done"]["status"] == "completed" and answer["done"]["text"] == "You said: and now?"
+        await ws.close()
+
+    async def cancelled() -> Any:
+        stored = [r for i in range(5) for r in await rows(db, f"quick-cancel-{i}") if r["event_type"] == "ai_message"]
+        return [m for m in (orjson.loads(r["metadata"]) for r in stored) if m["status"] == "cancelled"]
+
+    assert len(await eventually(cancelled)) == 5
+
+
 async def test_cancel_with_nothing_streaming_is_harmless(client):
     ws, _ = await connect(client)
     await send_json(ws, type="cancel")
