@@ -43,10 +43,10 @@ class EventLog:
             return False
         return True
 
-    async def spill(self) -> bool:
+    async def spill(self, reason: str) -> bool:
         """Move every pending write to the spool, in order; False (and nothing moved) if the disk refused."""
         taken = await self._committer.take_all()
-        if await self.spool.spill([item for items in taken.values() for item in items]):
+        if await self.spool.spill([item for items in taken.values() for item in items], reason=reason):
             return True
         for writer, items in taken.items():
             writer.restore(items)
@@ -57,7 +57,7 @@ class EventLog:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        if not await self.spill():
+        if not await self.spill("shutdown"):
             lost = [item for items in (await self._committer.take_all()).values() for item in items]
             for _, future in lost:
                 future.cancel()
@@ -75,4 +75,8 @@ class EventLog:
                 continue
             waited_s = (datetime.now(UTC) - oldest).total_seconds()
             if waited_s >= limit_s or self._committer.pending >= limit_events:
-                await self.spill()
+                # The store is away, or not keeping up (a connect storm on a small pool): either way the writes
+                # wait on disk, not in memory.
+                pending = self._committer.pending
+                reason = f"a write waited {waited_s:.1f} s" if waited_s >= limit_s else f"{pending} writes pending"
+                await self.spill(reason)

@@ -89,7 +89,7 @@ class Spool:
         else:
             self.clear.set()
 
-    async def spill(self, items: list[Pending]) -> bool:
+    async def spill(self, items: list[Pending], *, reason: str) -> bool:
         """Write `items` (in order) to a new segment and stop the writers until it is replayed.
 
         False when the disk refused: the caller keeps the events in memory."""
@@ -110,8 +110,8 @@ class Spool:
         self._counted.add(name)
         self._metrics.spooled_events.inc(len(items))
         log.warning(
-            "store unavailable: pending writes spooled to disk",
-            extra={"fields": {"events": len(items), "spool_dir": str(self._dir)}},
+            "store not taking writes: pending writes spooled to disk",
+            extra={"fields": {"events": len(items), "reason": reason, "spool_dir": str(self._dir)}},
         )
         return True
 
