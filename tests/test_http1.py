@@ -255,3 +255,27 @@ async def test_https_is_spoken_and_the_certificate_checked(tmp_path):
         untrusting.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_ipv6_origin_is_reached_and_named_in_brackets():
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await _request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    try:
+        server = await asyncio.start_server(handler, "::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool(URL(f"http://[::1]:{port}/v1/chat/completions"), {}, connect_timeout_s=2)
+    try:
+        assert (await _body(pool))[:2] == (200, b"ok")
+        assert f"Host: [::1]:{port}".encode() in seen[0].split(b"\r\n")
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()

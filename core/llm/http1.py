@@ -52,7 +52,10 @@ class Pool:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._max_idle = max_idle
-        host = url.host if url.is_default_port() else f"{url.host}:{url.port}"
+        # The wire form: IDNA-encoded, an IPv6 address in brackets, the port only when not the scheme's own.
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        if not url.is_default_port():
+            host = f"{host}:{self._port}"
         lines = [f"POST {url.raw_path_qs} HTTP/1.1", f"Host: {host}"]
         lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("host", "content-length")]
         # Everything but the body's length is the same for every request: built once.
