@@ -241,6 +241,8 @@ class Exchange:
 
     def head(self, status: int, headers: dict[str, str]) -> None:
         self.status, self.headers = status, headers
+        # Kept only to send again on a kept-alive connection found closed; a response came, so that is past.
+        self.request = b""
         self._wake()
 
     def feed(self, data: bytes) -> bool:
