@@ -83,7 +83,12 @@ async def test_writes_the_store_cannot_take_are_spooled_then_replayed_in_order_a
             event = await receive(ws, timeout=30)
             if event["type"] == "message.stored":
                 acks.append(event)
-    assert not await _segments(settings.spool_dir)
+
+    # The segment goes once its events are committed: just after their acknowledgements, not before.
+    async def replayed() -> bool:
+        return not await _segments(settings.spool_dir)
+
+    await eventually(replayed, timeout=10)
     assert await _messages(postgres_control.url, "s1") == _conversation("m0", "m1", "m2")
 
     # The conversation goes on after the replay, in order after it.
