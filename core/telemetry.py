@@ -112,6 +112,20 @@ def span(
 _NO_SPAN: AbstractContextManager[None] = nullcontext()
 
 
+def open_span(
+    name: str, *, kind: str = "INTERNAL", attributes: dict[str, Any] | None = None
+) -> tuple[Span, Context] | None:
+    """A span for something with no coroutine of its own to hold a `with` block (a WebSocket): started now as a
+    child of the active context, ended by the caller (`span.end()`); with it, the context that makes it the
+    parent. None when tracing is off."""
+    if tracer is None:
+        return None
+    from opentelemetry import trace
+
+    started = tracer.start_span(name, kind=getattr(trace.SpanKind, kind), attributes=attributes)
+    return started, trace.set_span_in_context(started)
+
+
 @contextmanager
 def _span(
     name: str,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import weakref
 from collections.abc import AsyncIterator, Awaitable
 
 from aiohttp import hdrs, web
@@ -51,6 +50,7 @@ from .live.session import Session
 from .metrics import Metrics
 from .parsing import handler_args
 from .ratelimit import DailyTokenBudget, UserRateLimiter
+from .websocket import Sockets
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     background = TaskSet()
     background.spawn(presence.run(), name="presence")
     background.spawn(registry.sweep_stalled(), name="stalled-sockets")
+    background.spawn(app[SOCKETS].heartbeat(), name="heartbeat")
     app[PRESENCE], app[REGISTRY], app[LIFECYCLE], app[USER_RATE] = presence, registry, lifecycle, user_rate
     app[ADMISSION] = Admission(settings, user_rate)
     app[ATTACHER] = Attacher(store, eventlog, presence, settings, broker=broker, budget=budget)
@@ -225,7 +226,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[SOCKETS] = weakref.WeakSet()
+    app[SOCKETS] = Sockets(heartbeat_s=settings.ws_heartbeat_s)
     app.cleanup_ctx.extend([_telemetry, _store, _redis, _llm, _auth, _live])
     app.on_shutdown.append(ws.close_sockets)
     app.router.add_get("/", api.index)

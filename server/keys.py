@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 from aiohttp import web
 from arq.connections import ArqRedis
 
@@ -19,6 +17,7 @@ from .live.presence import Presence
 from .live.registry import Registry
 from .metrics import Metrics
 from .ratelimit import UserRateLimiter
+from .websocket import Sockets
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -32,4 +31,4 @@ ADMISSION = web.AppKey("admission", Admission)
 ATTACHER = web.AppKey("attacher", Attacher)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 USER_RATE = web.AppKey("user_rate", UserRateLimiter)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+SOCKETS = web.AppKey("sockets", Sockets)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import WSCloseCode, hdrs, web
-from multidict import CIMultiDict
 
 from core import telemetry
 from core.errors import Forbidden, StoreError
 from core.store import MESSAGE_TYPES
 
-from . import protocol
+from . import protocol, websocket
 from .auth import AuthError, Identity, origin_allowed, token_from
 from .keys import (
     ADMISSION,
@@ -36,10 +36,13 @@ from .live.outbox import Outbox
 from .live.session import Session
 from .metrics import Metrics
 from .responses import json_error
+from .websocket import WebSocket
 
 log = logging.getLogger(__name__)
 
 _STORE_DOWN = "the database is not answering; try again shortly"
+# At shutdown: how long the clients have to answer the close before their connections are closed anyway.
+_CLOSE_WAIT_S = 1.0
 
 
 def _cursor(request: web.Request) -> int | None:
@@ -52,15 +55,11 @@ def _cursor(request: web.Request) -> int | None:
 
 
 async def session_socket(request: web.Request) -> web.StreamResponse:
-    # The route's HTTP errors (a bad handshake: 400) in JSON, as `api.json_errors` answers them on other routes
-    # (it is not in this route's chain: see `app._json_errors`).
-    # The connection's set-up returns, and its frames go, before the socket is served: only this frame, the
-    # connection's `run` and aiohttp's own are kept for the socket's life (each coroutine frame ~300-500 bytes).
+    """Refuse the request (in JSON, as `api.json_errors` answers other routes: it is not in this route's chain, see
+    `app._json_errors`), or take the socket over from aiohttp and return at once: from then on the socket is
+    served by its `WebSocket` and `Connection`, with no task or coroutine frame of its own."""
     try:
-        opened = await _open(request)
-        if isinstance(opened, web.StreamResponse):
-            return opened  # Refused, in JSON.
-        return await opened
+        return await _open(request)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -68,8 +67,8 @@ async def session_socket(request: web.Request) -> web.StreamResponse:
         return json_error(e.status, code, e.reason)
 
 
-async def _open(request: web.Request) -> web.StreamResponse | Awaitable[web.WebSocketResponse]:
-    """Check the request and open the socket: a refusal to answer, or what serves the open socket to its end."""
+async def _open(request: web.Request) -> web.StreamResponse:
+    """Check the request and open the socket: a refusal, or `websocket.TAKEN` once the socket is served."""
     session_id = request.match_info["session_id"]
     if not protocol.valid_session_id(session_id):
         return json_error(400, "invalid_session_id", "session ids are 1 to 128 characters from A-Z a-z 0-9 . _ : -")
@@ -108,7 +107,7 @@ async def _open(request: web.Request) -> web.StreamResponse | Awaitable[web.WebS
 
 async def _write(
     request: web.Request, session_id: str, identity: Identity | None, *, after: int, resume: tuple[str, int] | None
-) -> web.StreamResponse | Awaitable[web.WebSocketResponse]:
+) -> web.StreamResponse:
     app = request.app
     registry, user_id = app[REGISTRY], None if identity is None else identity.user_id
     session = registry.checkout(session_id)
@@ -127,7 +126,7 @@ async def _write(
                     "store unavailable at connect", extra={"fields": {"session_id": session_id, "error": str(e)}}
                 )
                 return json_error(503, "store_unavailable", _STORE_DOWN)
-            ws, conn = await _accept(request, session, identity, watch=False)
+            ws, conn = _accept(request, session, identity, watch=False)
             session.attach(conn)
         resumed = not opened.created
         app[METRICS].sessions_started.labels(str(resumed).lower()).inc()
@@ -143,7 +142,7 @@ async def _write(
 
 async def _watch(
     request: web.Request, session_id: str, identity: Identity | None, *, after: int, resume: tuple[str, int] | None
-) -> web.StreamResponse | Awaitable[web.WebSocketResponse]:
+) -> web.StreamResponse:
     """A read-only connection: the session's history, then everything it does live; it creates nothing."""
     app = request.app
     store, settings = app[STORE], app[SETTINGS]
@@ -174,7 +173,7 @@ async def _watch(
     try:
         # What other servers do with the session reaches this watcher through Redis.
         await app[ATTACHER].follow(session)
-        ws, conn = await _accept(request, session, identity, watch=True)
+        ws, conn = _accept(request, session, identity, watch=True)
         serving = True
         return _serve(
             request, ws, conn, history, after=after, resume=resume, resumed=True, identity=identity, on_closed=let_go
@@ -184,17 +183,20 @@ async def _watch(
             let_go()
 
 
-async def _accept(
+def _accept(
     request: web.Request, session: Session, identity: Identity | None, *, watch: bool
-) -> tuple[web.WebSocketResponse, Connection]:
-    """Complete the upgrade and make the socket's Connection."""
+) -> tuple[WebSocket, Connection]:
+    """Answer the upgrade, take the socket from aiohttp, and make the socket's Connection. A request that is not a
+    WebSocket handshake we speak is refused here, last, as aiohttp's own upgrade did: the caller lets go of what
+    it took (HTTPBadRequest, answered in JSON by `session_socket`)."""
+    bad_handshake = websocket.refusal(request)
+    if bad_handshake is not None:
+        raise web.HTTPBadRequest(reason=bad_handshake)
     app, settings = request.app, request.app[SETTINGS]
-    ws = web.WebSocketResponse(max_msg_size=settings.max_frame_bytes, heartbeat=settings.ws_heartbeat_s)
-    await ws.prepare(request)
-    _shed_http_state(request, ws)
-    outbox = Outbox(
-        ws, request.transport, timeout_s=settings.send_timeout_s, max_buffer_bytes=settings.max_send_buffer_bytes
+    ws = websocket.take_over(
+        request, app[SOCKETS], max_message_bytes=settings.max_frame_bytes, close_timeout_s=settings.send_timeout_s
     )
+    outbox = Outbox(ws, timeout_s=settings.send_timeout_s, max_buffer_bytes=settings.max_send_buffer_bytes)
     conn = Connection(
         session,
         ws,
@@ -208,32 +210,12 @@ async def _accept(
     return ws, conn
 
 
-def _shed_http_state(request: web.Request, ws: web.WebSocketResponse) -> None:
-    """Drop what aiohttp keeps of the HTTP exchange once the upgrade is accepted, for the socket's whole life:
-    ~2.7 KiB of an idle socket's ~23 (bench/bare_ws.py with LEAN=parser,messages,headers: 15.6 -> 12.9 KiB).
-
-    The request handler's HTTP parser and its (empty) queue of parsed requests serve only further requests on the
-    connection, and an accepted upgrade has none: aiohttp reads them again only when the upgrade was declined
-    (`finish_response`, guarded by the WebSocket parser being unset) or, for the parser, to set it to None when
-    the connection is lost. The response headers were sent with the 101. Private attributes of aiohttp 3.14
-    (pinned): each is dropped only if present, so a later aiohttp without them is left as it is."""
-    protocol = request.protocol
-    if getattr(protocol, "_payload_parser", None) is None:
-        return  # Not a connection aiohttp reads as a WebSocket: leave it whole.
-    if hasattr(protocol, "_parser"):
-        protocol._parser = None
-    if getattr(protocol, "_messages", None) is not None and not protocol._messages:
-        protocol._messages = ()  # type: ignore[assignment]
-    if hasattr(ws, "_headers"):
-        ws._headers = CIMultiDict()
-
-
 class _Release:
     """What a connection lets go of: called (`let_go`) when it is refused after the session was taken, else once
     it closed (`closed`, within its shielded wind-down, after its `disconnected` event is submitted). One slotted
     object rather than two closures and their cells: ~0.4 KiB less held by every open socket."""
 
-    __slots__ = ("admission", "expiry", "metrics", "release", "session", "user_id")
+    __slots__ = ("admission", "expiry", "metrics", "release", "session", "span", "user_id")
 
     def __init__(
         self, release: Callable[[Session], None], session: Session, admission: Admission, user_id: str | None
@@ -241,6 +223,8 @@ class _Release:
         self.release, self.session, self.admission, self.user_id = release, session, admission, user_id
         self.expiry: asyncio.TimerHandle | None = None
         self.metrics: Metrics | None = None
+        # The connection's trace span, when tracing is on: ended with it.
+        self.span: Any = None
 
     def __call__(self) -> None:
         self.release(self.session)
@@ -251,12 +235,14 @@ class _Release:
             self.expiry.cancel()
         if self.metrics is not None:
             self.metrics.open_sockets.dec()
+        if self.span is not None:
+            self.span.end()
         self()
 
 
 def _serve(
     request: web.Request,
-    ws: web.WebSocketResponse,
+    ws: WebSocket,
     conn: Connection,
     history: list,  # type: ignore[type-arg]
     *,
@@ -265,12 +251,11 @@ def _serve(
     resumed: bool,
     identity: Identity | None,
     on_closed: _Release,
-) -> Awaitable[web.WebSocketResponse]:
-    """Everything but the serving itself, with no await: returns the connection's `run`, which serves the socket
-    to its end (within the connection's trace span when tracing is on)."""
+) -> web.StreamResponse:
+    """Start serving the socket, with no await: from here the socket calls its connection."""
     app, metrics, conversation = request.app, request.app[METRICS], conn.session.conversation
     through = max((e.id for e in history), default=0)
-    # Built with no await before `run` joins the answer it names; not kept in a local, and the history (read for
+    # Built with no await before `start` joins the answer it names; not kept in a local, and the history (read for
     # this connection alone) emptied: a connection open for hours should not hold either.
     ready = [
         protocol.session_ready(
@@ -283,42 +268,37 @@ def _serve(
         )
     ]
     history.clear()
-    app[SOCKETS].add(ws)
     metrics.open_sockets.inc()
     on_closed.metrics = metrics
     if identity is not None and identity.expires_at is not None:
         # The token may run out while the socket is open: the session ends with it (1008).
         delay = max(0.0, identity.expires_at - time.time())
         on_closed.expiry = asyncio.get_running_loop().call_later(delay, conn.expire)
-    run = conn.run(ready.pop(), on_closed=on_closed.closed, history_through=max(through, after), resume=resume)
-    if telemetry.tracer is None:
-        # No span to hold open: the connection's `run` is all that is awaited.
-        if not conn.watch:
-            conn.session.writer.trace = None
-        return run
-    return _traced(conn, run, resumed=resumed)
-
-
-async def _traced(conn: Connection, run: Awaitable[web.WebSocketResponse], *, resumed: bool) -> web.WebSocketResponse:
     mode = protocol.WATCH if conn.watch else protocol.WRITE
-    with telemetry.span(
+    opened = telemetry.open_span(
         "websocket session",
         kind="SERVER",
         attributes={"session.id": conn.session.id, "rt.mode": mode, "rt.resumed": resumed},
-    ):
-        if not conn.watch:
-            # The session's writes, turns and jobs from now on belong to this connection's trace.
-            conn.session.writer.trace = telemetry.current()
-        return await run
+    )
+    if not conn.watch:
+        # The session's writes, turns and jobs from now on belong to this connection's trace (none when off).
+        conn.session.writer.trace = None if opened is None else opened[1]
+    if opened is not None:
+        on_closed.span = opened[0]
+    conn.start(ready.pop(), on_closed=on_closed.closed, history_through=max(through, after), resume=resume)
+    return websocket.TAKEN()
 
 
 async def close_sockets(app: web.Application) -> None:
-    """on_shutdown: tell every client the server is going away (1001) so it reconnects. The drain ran before,
-    while the sockets were still read (`server.serve`); a runner that did not (a test server) drains here."""
+    """on_shutdown: tell every client the server is going away (1001) so it reconnects, and wait for each
+    connection's wind-down. The drain ran before, while the sockets were still read (`server.serve`); a runner
+    that did not (a test server) drains here."""
     settings = app[SETTINGS]
     await app[LIFECYCLE].wind_down(drain_s=settings.shutdown_drain_s, flush_s=settings.shutdown_flush_s)
     # Through the connections, so each records 1001 (not the client's reply) on its `disconnected` event.
     await app[LIFECYCLE].close_connections(WSCloseCode.GOING_AWAY, "server shutting down")
-    sockets = [*app[SOCKETS]]
-    closing = (ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets)
-    await asyncio.gather(*closing, return_exceptions=True)
+    # Watchers, and sockets still being set up. Their peers get a second to answer the close (none when forced).
+    wait_s = 0.0 if app[LIFECYCLE].forced else _CLOSE_WAIT_S
+    await app[SOCKETS].close_all(
+        WSCloseCode.GOING_AWAY, b"server shutting down", wait_s=wait_s, within_s=settings.send_timeout_s
+    )

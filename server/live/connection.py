@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode
 
 from core.errors import ProtocolError
 from core.flag import Flag
@@ -19,21 +20,22 @@ from .. import protocol
 from ..metrics import Metrics
 from ..protocol import Cancel, Ping, UserMessage
 from ..ratelimit import TokenBucket, UserRateLimiter
+from ..websocket import WebSocket
 from .answer import StoredNotAnswered
 from .outbox import Outbox
 from .session import Session
 
 log = logging.getLogger(__name__)
 
-# RFC 6455's codes for a close frame without a status (aiohttp reports it as 0) and for no close frame at all
-# (aiohttp reports None: the peer vanished and the handler was cancelled).
+# RFC 6455's codes for a close frame without a status (the socket reports it as 0) and for no close frame at all
+# (None: the peer vanished).
 _NO_STATUS = 1005
 _ABNORMAL = 1006
 
 
 class Connection:
-    """Owns one socket for the life of the connection. Only `run` reads the socket; anything sends through
-    `outbox`, which never lets one stuck peer hold up anyone else."""
+    """Owns one socket for the life of the connection: the socket calls it with each frame (`on_text`, ...),
+    and anything sends through `outbox`, which never lets one stuck peer hold up anyone else."""
 
     # Slots, and no set until a write waits to be acknowledged: bytes held by every idle socket.
     __slots__ = (
@@ -45,6 +47,7 @@ class Connection:
         "_limiter",
         "_messages",
         "_metrics",
+        "_on_closed",
         "_settings",
         "_started",
         "_tasks",
@@ -61,7 +64,7 @@ class Connection:
     def __init__(
         self,
         session: Session,
-        ws: web.WebSocketResponse,
+        ws: WebSocket,
         outbox: Outbox,
         *,
         settings: Settings,
@@ -90,56 +93,55 @@ class Connection:
         self._started = time.monotonic()
         self._last_frame = asyncio.get_running_loop().time()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._on_closed: Callable[[], None] | None = None
         self._tasks = TaskSet()
 
     # Life cycle.
 
-    async def run(
+    def start(
         self,
         ready: bytes,
         *,
         on_closed: Callable[[], None],
         history_through: int = 0,
         resume: tuple[str, int] | None = None,
-    ) -> web.WebSocketResponse:
-        """Send `session.ready`, join the answer running now (if any), serve frames until the socket closes, then
-        wind the connection down.
+    ) -> None:
+        """Send `session.ready`, join the answer running now (if any), and take the socket's frames from now on;
+        `on_closed` runs once the connection is wound down (see `on_closed`).
 
         `ready` names the running answer as it is at this instant: the catch-up and the membership in the
-        audience follow with no await in between. The wind-down is shielded: even when the handler is cancelled
-        (aiohttp may, when the peer vanishes) the `disconnected` event is stored, then `on_closed` runs.
-        Returns the socket, for the route to return to aiohttp. The frames are read here, not in a coroutine of
-        their own: one frame fewer kept for the life of each socket.
-        """
+        audience follow with no await in between. Nothing waits for the socket: no task or coroutine frame is
+        kept for its life (bench/RESULTS.md, issue 19)."""
         conversation = self.session.conversation
         self.outbox.put(ready)
-        del ready  # sent: not kept for the life of the connection
         conversation.join(self.outbox, history_through=history_through, resume=resume)
         if self.watch:
             conversation.audience.add_watcher(self.outbox)
         else:
             conversation.record(CONNECTED, None)
             conversation.audience.set_writer(self.outbox)
-        ws = self._ws
-        loop = asyncio.get_running_loop()
-        try:
-            if self._settings.idle_timeout_s:
-                self._watchdog = loop.call_later(self._settings.idle_timeout_s, self._check_idle)
-            while True:
-                msg = await ws.receive()
-                self._last_frame = loop.time()
-                if msg.type is WSMsgType.TEXT:
-                    self._on_text(msg.data)
-                elif msg.type is WSMsgType.BINARY:
-                    self._reject(ProtocolError(protocol.UNSUPPORTED_FRAME, "binary frames are not supported"))
-                else:
-                    # CLOSE, CLOSING, CLOSED or ERROR (a frame over the size limit closes with 1009 in aiohttp).
-                    break
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-            await asyncio.shield(self._wind_down(on_closed))
-        return ws
+        self._on_closed = on_closed
+        if self._settings.idle_timeout_s:
+            self._watchdog = asyncio.get_running_loop().call_later(self._settings.idle_timeout_s, self._check_idle)
+        self._ws.serve(self)
+
+    # What the socket calls.
+
+    def on_text(self, text: str) -> None:
+        self._last_frame = asyncio.get_running_loop().time()
+        self._on_text(text)
+
+    def on_binary(self) -> None:
+        self._last_frame = asyncio.get_running_loop().time()
+        self._reject(ProtocolError(protocol.UNSUPPORTED_FRAME, "binary frames are not supported"))
+
+    def on_closed(self) -> Coroutine[Any, Any, None]:
+        """The socket is gone (closed by either side, failed, or cut off): the wind-down, which the process keeps
+        until done (also at shutdown). The `disconnected` event is stored, then `on_closed` runs."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        return self._wind_down()
 
     async def replace(self, *, stop_answer: bool) -> None:
         """A newer writing connection takes the session over: close with 4000 and return once this connection let
@@ -170,18 +172,15 @@ class Connection:
         if self._unacked and wait_s > 0:  # (None until a write waits)
             await asyncio.wait(set(self._unacked), timeout=wait_s)
             await asyncio.sleep(0)  # The acknowledgements the commits scheduled.
-        # Recorded: after the handshake aiohttp reports the client's reply (usually 1000), not our reason.
+        # Recorded: our reason, whatever the client answers.
         self._close_sent = self._close_sent or code
         if self.outbox.blocked:
             self.outbox.abort("closing while the client was not reading")
             return
-        try:
-            async with asyncio.timeout(self._settings.send_timeout_s):
-                await self._ws.close(code=code, message=message.encode())
-        except TimeoutError:
-            self.outbox.abort("the client did not answer the close")
+        # The connection winds down now; the socket waits for the client's answer to the close on its own.
+        self._ws.close(code, message.encode())
 
-    async def _wind_down(self, on_closed: Callable[[], None]) -> None:
+    async def _wind_down(self) -> None:
         # The partial answer and the `disconnected` event are submitted before the session is let go,
         # so they are stored in order, before anything a newer connection writes.
         session, conversation = self.session, self.session.conversation
@@ -198,7 +197,8 @@ class Connection:
             session.detach(self)
         await self._tasks.cancel()
         self._closed.set()
-        on_closed()
+        if self._on_closed is not None:
+            self._on_closed()
         fields = {
             "session_id": session.id,
             "close_code": close_code,

@@ -179,7 +179,8 @@ class Conversation:
             raise StoredNotAnswered(stored, client_msg_id)
         if self._stopping:
             return stored
-        self._waiting.append(Turn(text, client_msg_id, received_at, stored, telemetry.current()))
+        # The connection's trace (set on the writer when it attached): a frame is handled in no task of its own.
+        self._waiting.append(Turn(text, client_msg_id, received_at, stored, self._writer.trace))
         if self._task is None and self.running.remote is None:
             self._next()
         return stored

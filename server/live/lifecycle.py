@@ -124,6 +124,10 @@ class Lifecycle:
             self._wind_down = asyncio.ensure_future(self._drain_and_flush(drain_s, flush_s))
         await asyncio.gather(self._wind_down, return_exceptions=True)
 
+    @property
+    def forced(self) -> bool:
+        return self._forced
+
     def force(self) -> None:
         """A second stop signal: stop waiting for answers and writes; what is not written goes to the spool."""
         self._forced = True

@@ -7,24 +7,23 @@ import asyncio
 import logging
 from collections import deque
 
-from aiohttp import WSMsgType, web
-
 from ..protocol import compact
+from ..websocket import WebSocket
 
 log = logging.getLogger(__name__)
 
-# aiohttp raises ClientConnectionResetError (a ConnectionResetError) when writing to a closing socket.
+# A send that waits for the peer to read ends with ConnectionResetError when the connection goes.
 _SEND_ERRORS = (ConnectionError,)
 
 
 class Outbox:
     """Sends frames to one WebSocket.
 
-    A send normally completes without suspending: aiohttp writes to the transport and waits only when the peer's
-    buffers are full. While one send waits there, every other frame queues behind it (kept in order, at most
-    `max_buffer_bytes`), so acknowledgements and pongs never pile up as waiting tasks. A queue past that size,
-    or a send stuck for `timeout_s` (see `check_stalled`, called by one sweep for the whole process), aborts
-    the transport: the read loop then sees the socket close, and the session's data is stored as at any close.
+    A send normally completes without suspending: the frame is written to the transport, and the send waits
+    only when the peer's buffers are full. While one send waits there, every other frame queues behind it (kept
+    in order, at most `max_buffer_bytes`), so acknowledgements and pongs never pile up as waiting tasks. A queue
+    past that size, or a send stuck for `timeout_s` (see `check_stalled`, called by one sweep for the whole
+    process), aborts the transport: the socket then closes, and the session's data is stored as at any close.
     """
 
     __slots__ = (
@@ -35,20 +34,11 @@ class Outbox:
         "_sending",
         "_sends",
         "_timeout_s",
-        "_transport",
         "_ws",
     )
 
-    def __init__(
-        self,
-        ws: web.WebSocketResponse,
-        transport: asyncio.BaseTransport | None,
-        *,
-        timeout_s: float,
-        max_buffer_bytes: int,
-    ) -> None:
+    def __init__(self, ws: WebSocket, *, timeout_s: float, max_buffer_bytes: int) -> None:
         self._ws = ws
-        self._transport = transport
         self._timeout_s = timeout_s
         self._max_bytes = max_buffer_bytes
         # Made when a frame first has to wait (an empty deque costs 600 bytes, and most sockets never queue).
@@ -73,45 +63,52 @@ class Outbox:
         if ws.closed:
             return
         # The hot path, inline: one frame written, nothing queued behind it.
-        self._sending = True
         self._sends += 1
+        ws.send_text(frame)
+        if ws.writable:
+            return
+        self._sending = True
         try:
-            await ws.send_frame(frame, WSMsgType.TEXT)
+            await ws.drain()
         except _SEND_ERRORS:
             self._drop_queue()
         finally:
             self._sending = False
         if self._queue:
-            await self._flush(None)
+            await self._flush()
 
     def put(self, frame: bytes) -> None:
         """Queue a frame without waiting (acknowledgements, errors, a catch-up); it keeps its order with the
         frames `send` gets after it."""
-        if self._ws.closed:
+        ws = self._ws
+        if ws.closed:
             return
         start = not self._sending and not self._queue
+        if start and ws.writable:
+            self._sends += 1
+            ws.send_text(frame)
+            return
         self._enqueue(frame)
         if start:
-            task = asyncio.ensure_future(self._flush(None))
+            task = asyncio.ensure_future(self._flush())
             task.add_done_callback(_retrieve)
 
-    async def _flush(self, frame: bytes | None) -> None:
-        """Send `frame`, then whatever queued meanwhile; the one place that writes to the socket."""
+    async def _flush(self) -> None:
+        """Send what is queued, in order, waiting for the peer whenever its buffers are full."""
         ws = self._ws
         if ws.closed:
             self._drop_queue()
             return
         self._sending = True
         try:
-            if frame is not None:
-                self._sends += 1
-                await ws.send_frame(frame, WSMsgType.TEXT)
             # Read each time round: the queue may be made (or dropped) while a send waits.
             while queue := self._queue:
                 frame = queue.popleft()
                 self._queued_bytes -= len(frame)
                 self._sends += 1
-                await ws.send_frame(frame, WSMsgType.TEXT)
+                ws.send_text(frame)
+                if not ws.writable:
+                    await ws.drain()
             self._queue = None
         except _SEND_ERRORS:
             # The peer is gone: the read loop sees the close and winds the connection down.
@@ -135,15 +132,9 @@ class Outbox:
     def abort(self, reason: str) -> None:
         """Drop the connection at once (no closing handshake: the peer is not reading it)."""
         self._drop_queue()
-        transport = self._transport
-        if transport is None:
-            return
-        if not transport.is_closing():
+        if not self._ws.aborting:
             log.warning("connection aborted", extra={"fields": {"reason": reason}})
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.abort()
-        else:
-            transport.close()
+        self._ws.abort()
 
     def _enqueue(self, frame: bytes) -> None:
         # Kept until the peer reads: at its own size (see `protocol.compact`), so the byte limit is the memory used.
