@@ -74,6 +74,16 @@ async def client(url: str, first: int, count: int, source: str) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     connector = aiohttp.TCPConnector(limit=0, local_addr=(source, 0))
     async with aiohttp.ClientSession(connector=connector) as http:
+        # A reader per socket, as any real client has: it answers the server's control pings (aiohttp's client
+        # does only while reading) and hands each pong to whoever pinged.
+        pongs: dict[aiohttp.ClientWebSocketResponse, asyncio.Future[bool]] = {}
+
+        async def read(ws: aiohttp.ClientWebSocketResponse) -> None:
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT and orjson.loads(msg.data)["type"] == "pong":
+                    waiter = pongs.pop(ws, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(True)
 
         async def one(i: int) -> aiohttp.ClientWebSocketResponse:
             ws = await http.ws_connect(f"{url}/ws/session/idle-{i}", heartbeat=None, autoping=True)
@@ -81,24 +91,32 @@ async def client(url: str, first: int, count: int, source: str) -> None:
             return ws
 
         sockets: list[aiohttp.ClientWebSocketResponse] = []
+        readers = []
         for start in range(first, first + count, 200):
             batch = await asyncio.gather(
                 *(one(i) for i in range(start, min(first + count, start + 200))), return_exceptions=True
             )
-            sockets += [ws for ws in batch if isinstance(ws, aiohttp.ClientWebSocketResponse)]
+            opened = [ws for ws in batch if isinstance(ws, aiohttp.ClientWebSocketResponse)]
+            sockets += opened
+            readers += [asyncio.create_task(read(ws)) for ws in opened]
         # Those that failed to open are counted out: the figure says how many the server took.
         print(len(sockets), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
         async def ping(ws: aiohttp.ClientWebSocketResponse) -> bool:
-            await ws.send_str('{"type":"ping"}')
-            msg = await ws.receive(timeout=30)
-            return msg.type is aiohttp.WSMsgType.TEXT and orjson.loads(msg.data)["type"] == "pong"
+            waiter = pongs[ws] = asyncio.get_running_loop().create_future()
+            try:
+                await ws.send_str('{"type":"ping"}')
+                return await asyncio.wait_for(waiter, timeout=30)
+            except (TimeoutError, aiohttp.ClientError):
+                return False
 
         answered = 0
         for start in range(0, len(sockets), 500):
             answered += sum(await asyncio.gather(*(ping(ws) for ws in sockets[start : start + 500])))
         print(answered, flush=True)
+        for reader in readers:
+            reader.cancel()
 
 
 if __name__ == "__main__":

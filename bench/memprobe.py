@@ -78,6 +78,11 @@ def _tree(signum: int, frame: object) -> None:
 
     d = os.environ.get("PROBE_DIR", "/tmp/mem")
     handlers = [o for o in gc.get_objects() if isinstance(o, web_protocol.RequestHandler)]
+    if not handlers:
+        # A server that lets go of aiohttp's handler once the socket is upgraded (ours) keeps none to walk.
+        with open(f"{d}/tree.txt", "w") as f:
+            f.write("no aiohttp request handler is kept\n")
+        return
     h = handlers[len(handlers) // 2]
     stop = (
         asyncio.AbstractEventLoop,

@@ -102,16 +102,20 @@ def take_over(request: web.Request, sockets: Sockets, *, max_message_bytes: int,
         + b"\r\n\r\n"
     )
     transport.set_protocol(ws)
-    # What aiohttp's handler read past the request head (3.14: `_message_tail`), and the handler let go of: its
-    # server forgets it once its task ends, and a forced close ends its request loop without closing the
-    # transport (which it no longer holds). Private attributes of the pinned aiohttp, checked by the tests.
+    # What aiohttp's handler read past the request head (3.14: `_message_tail`), and the handler let go of: a
+    # forced close ends its request loop without closing the transport (which it no longer holds), and once
+    # that loop ends, the handler is told the connection is lost (with no transport, it closes nothing): its
+    # server forgets it, and its parser and timers go. Private attributes of the pinned aiohttp, which every
+    # connection in the tests goes through.
     ws._buffer = bytes(getattr(handler, "_message_tail", b""))
     handler._message_tail = b""
-    manager = getattr(handler, "_manager", None)
-    if manager is not None:
-        manager.connection_lost(handler, None)
     handler._force_close = True
     handler.transport = None
+    request_loop = getattr(handler, "_task_handler", None)
+    if request_loop is not None:
+        request_loop.add_done_callback(lambda _: handler.connection_lost(None))
+    else:
+        handler.connection_lost(None)
     if not transport.is_reading():
         # Paused by aiohttp for a long tail: ours reads as fast as frames are handled.
         transport.resume_reading()
