@@ -496,9 +496,6 @@ class Sockets:
         self._next = 0
         self._endings = TaskSet()
 
-    def __len__(self) -> int:
-        return sum(len(s) for s in self._slices)
-
     def __iter__(self) -> Iterator[WebSocket]:
         return (ws for s in self._slices for ws in list(s))
 
